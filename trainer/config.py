@@ -1,0 +1,330 @@
+"""Typed configuration: the run config (the command line) and the DeepSpeed JSON.
+
+Everything here is validated before a model, tokenizer or process group is touched, so a typo costs
+seconds rather than a twenty-minute weight load. Errors surface as :class:`ConfigError`, a one-line
+message that names the flag or JSON key and the fix; entry points turn it into exit status 2.
+
+    python -m trainer.config check ds_configs/*.json [--world_size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.ds_schema import DS_SECTION_MODELS, UNSUPPORTED_KEYS, DSConfig, ds_section_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+ModelSize = Literal["tiny", "1.5b", "3b", "7b", "14b", "32b"]
+MODEL_SIZES: tuple[str, ...] = ("tiny", "1.5b", "3b", "7b", "14b", "32b")
+
+# Per-size defaults, from the original experiments: 2e-5 for the small sizes, 4e-6 for 14b/32b,
+# 1000 steps, a checkpoint every 100 steps (50 for the large ones), micro 1 x GA 8 for 14b/32b.
+# `tiny` trains a randomly initialised demo model from scratch, hence its high learning rate.
+SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(learning_rate=2e-3, max_steps=300, save_every_n_steps=100, eval_steps=50,
+                 max_seq_length=512, batch_size=4, gradient_accumulation_steps=1, logging_steps=10),
+    "1.5b": dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
+                 max_seq_length=4096, batch_size=2, gradient_accumulation_steps=4, logging_steps=10),
+    "3b": dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
+               max_seq_length=4096, batch_size=2, gradient_accumulation_steps=4, logging_steps=10),
+    "7b": dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
+               max_seq_length=4096, batch_size=1, gradient_accumulation_steps=8, logging_steps=10),
+    "14b": dict(learning_rate=4e-6, max_steps=1000, save_every_n_steps=50, eval_steps=50,
+                max_seq_length=4096, batch_size=1, gradient_accumulation_steps=8, logging_steps=10),
+    "32b": dict(learning_rate=4e-6, max_steps=1000, save_every_n_steps=50, eval_steps=50,
+                max_seq_length=4096, batch_size=1, gradient_accumulation_steps=8, logging_steps=10),
+}
+
+
+class ConfigError(ValueError):
+    """A bad flag, value or config file; the message is one line naming the culprit and the fix."""
+
+
+class RunConfig(BaseModel):
+    """The run, one field per command-line flag (see DESIGN.md)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model_size: ModelSize = Field(description="picks ds_configs/zero3_<size>.json and defaults")
+    base_model: Path | None = Field(None, description="HF model dir; tiny without it = demo model")
+    train_file: Path | None = Field(None, description="JSONL / parquet / saved HF dataset dir")
+    eval_file: Path | None = Field(None, description="held-out data, same formats")
+    output_dir: Path = Field(description="where config.yaml, logs/ and checkpoints/ go")
+    experiment_name: str = Field("q-sft", min_length=1, description="wandb run name prefix")
+    learning_rate: float = Field(gt=0, le=1, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    max_steps: int = Field(gt=0, description="optimizer steps to train")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup; default 3% of steps")
+    save_every_n_steps: int = Field(gt=0, description="checkpoint interval in optimizer steps")
+    eval_steps: int = Field(gt=0, description="eval interval in optimizer steps")
+    logging_steps: int = Field(gt=0, description="log interval in optimizer steps")
+    max_seq_length: int = Field(ge=16, le=131072, description="tokens per training sequence")
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="examples over max_seq_length: drop them or cut the completion")
+    batch_size: int = Field(gt=0, description="micro batch per GPU (sequences)")
+    gradient_accumulation_steps: int = Field(gt=0, description="micro batches per optimizer step")
+    bf16: bool | None = Field(None, description="bf16 on/off; None keeps the ds_config's value")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    packing: bool = Field(False, description="pack examples into max_seq_length sequences")
+    wandb: bool = Field(False, description="log to Weights & Biases (offline without network)")
+    seed: int = Field(42, ge=0, description="seeds init, data order and dropout")
+    resume: str = Field("auto", min_length=1, description="auto | none | path to a checkpoint tag")
+    overwrite: bool = Field(False, description="with --resume none: replace an existing run")
+    ds_config: Path | None = Field(None, description="override ds_configs/zero3_<size>.json")
+    dist_timeout_s: int = Field(1800, gt=0, description="collective timeout before a rank fails")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_size_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("model_size") in SIZE_DEFAULTS:
+            data = {**SIZE_DEFAULTS[data["model_size"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.warmup_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"--warmup_steps {self.warmup_steps} must be below --max_steps "
+                             f"{self.max_steps}")
+        if self.model_size != "tiny" and self.base_model is None:
+            raise ValueError(f"--base_model is required for --model_size {self.model_size}")
+        if self.base_model is not None and not (self.base_model / "config.json").is_file():
+            raise ValueError(f"--base_model {self.base_model}: no config.json there")
+        if self.ds_config is not None and not self.ds_config.is_file():
+            raise ValueError(f"--ds_config {self.ds_config}: file not found")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
+            raise ValueError(f"--resume {self.resume}: expected auto, none or a checkpoint dir")
+        return self
+
+    @property
+    def ds_config_path(self) -> Path:
+        return self.ds_config or DS_CONFIG_DIR / f"zero3_{self.model_size}.json"
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, round(0.03 * self.max_steps)) if self.max_steps > 1 else 0
+
+    @property
+    def model_dir(self) -> Path:
+        return self.base_model or ASSETS_DIR / "tiny_model"
+
+    @property
+    def train_path(self) -> Path:
+        return self.train_file or ASSETS_DIR / "q_sft_train.jsonl"
+
+    @property
+    def eval_path(self) -> Path | None:
+        if self.eval_file is not None:
+            return self.eval_file
+        return ASSETS_DIR / "q_sft_test.jsonl" if self.train_file is None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage + error on two lines; we want exactly one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message.replace("unrecognized arguments", "unknown flag"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training command line; only flags the user gives reach the pydantic model."""
+    p = _OneLineParser(prog="train.py", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+                       description="DeepSpeed ZeRO-3 SFT of Qwen2.5-family models on Q data.")
+    for name, field in RunConfig.model_fields.items():
+        flag = f"--{name}"
+        if name in ("bf16", "packing", "gradient_checkpointing", "wandb", "overwrite"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=field.description)
+        elif name == "save_every_n_steps":
+            p.add_argument(flag, "--save_steps", dest=name, help=field.description)
+        else:
+            p.add_argument(flag, help=field.description)
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", type=int, dest="_local_rank", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_run_config(argv: list[str]) -> RunConfig:
+    """Parse and validate the command line; raises ConfigError with a one-line message."""
+    ns = vars(build_parser().parse_args(argv))
+    ns.pop("_local_rank", None)
+    try:
+        return RunConfig.model_validate(ns)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, prefix="--")) from None
+
+
+def _one_line(err: ValidationError, prefix: str = "", source: str = "") -> str:
+    """First pydantic error as 'SOURCE: KEY: message (got VALUE)' on one line."""
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    where = f"{source}: " if source else ""
+    if not loc:
+        return f"{where}{msg}"
+    got = "" if first["type"] == "missing" else f" (got {first.get('input')!r})"
+    if first["type"] == "extra_forbidden":
+        return f"{where}{prefix}{loc}: unknown {'flag' if prefix else 'key'}"
+    return f"{where}{prefix}{loc}: {msg}{got}"
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+
+
+def load_ds_config(path: Path) -> dict[str, Any]:
+    """Read a DeepSpeed JSON file and validate it completely (unknown keys at any level fail)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object")
+    validate_ds_dict(raw, source=str(path))
+    return raw
+
+
+def validate_ds_dict(raw: dict[str, Any], source: str = "ds_config") -> DSConfig:
+    """Schema + cross-field checks on a DeepSpeed config dict; raises ConfigError."""
+    _reject_auto(raw, source, "")
+    unsupported = sorted(set(raw) & UNSUPPORTED_KEYS)
+    if unsupported:
+        raise ConfigError(f"{source}: '{unsupported[0]}' is a DeepSpeed feature qsft does not "
+                          f"drive; remove it")
+    unknown = sorted(set(raw) - set(DSConfig.model_fields))
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(key, DSConfig.model_fields, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else "; remove it (DeepSpeed would ignore it)"
+        raise ConfigError(f"{source}: unknown top-level key '{key}'{hint}")
+    try:
+        cfg = DSConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, source=source)) from None
+    for section in DS_SECTION_MODELS:
+        if raw.get(section) is not None:
+            _validate_section(section, raw[section], source)
+    try:
+        cfg.cross_check()
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def _validate_section(section: str, value: Any, source: str) -> None:
+    model = ds_section_model(section)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {section}: must be a JSON object (got {value!r})")
+    try:
+        model(**value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in (section, *err["loc"]))
+        if err["type"] == "extra_forbidden":
+            known = [f.alias or n for n, f in model.model_fields.items()]
+            near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near and len(err["loc"]) == 1 else ""
+            raise ConfigError(f"{source}: unknown key '{loc}'{hint}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {loc}: {msg} (got {err.get('input')!r})") from None
+    except (ValueError, TypeError, AssertionError) as e:  # DeepSpeed's own validators
+        raise ConfigError(f"{source}: {section}: {str(e).splitlines()[0]}") from None
+
+
+def _reject_auto(node: Any, source: str, path: str) -> None:
+    # "auto" is resolved only by the HF Trainer integration; handed to DeepSpeed directly it is a
+    # string where a number belongs. Our configs pin numbers, derived in ds_configs/README.md.
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _reject_auto(v, source, f"{path}.{k}" if path else k)
+    elif node == "auto":
+        raise ConfigError(f"{source}: {path}: \"auto\" is not supported; pin a number "
+                          f"(see ds_configs/README.md)")
+
+
+def resolve_ds_config(run: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed dict the engine gets: the file, validated, with the run's batch and precision.
+
+    Batch keys present in the file must agree with the flags and the launcher's real world size.
+    """
+    source = str(run.ds_config_path)
+    ds = load_ds_config(run.ds_config_path)
+    micro, accum = run.batch_size, run.gradient_accumulation_steps
+    if ds.get("train_micro_batch_size_per_gpu", micro) != micro:
+        raise ConfigError(f"{source}: train_micro_batch_size_per_gpu "
+                          f"{ds['train_micro_batch_size_per_gpu']} != --batch_size {micro}; "
+                          f"drop the key or make them equal")
+    if ds.get("gradient_accumulation_steps", accum) != accum:
+        raise ConfigError(f"{source}: gradient_accumulation_steps "
+                          f"{ds['gradient_accumulation_steps']} != --gradient_accumulation_steps "
+                          f"{accum}; drop the key or make them equal")
+    check_batch(ds.get("train_batch_size"), micro, accum, world_size, source)
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+              train_batch_size=micro * accum * world_size)
+    if run.bf16 is not None:
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": run.bf16}
+        if run.bf16:
+            ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
+    if "optimizer" in ds:  # a DeepSpeed optimizer (needed for offload): the flags own lr and wd
+        params = ds["optimizer"].setdefault("params", {})
+        params.update(lr=run.learning_rate, weight_decay=run.weight_decay)
+    validate_ds_dict(ds, source=source)
+    return ds
+
+
+def check_batch(train_batch: int | None, micro: int, accum: int, world: int, source: str) -> None:
+    """train_batch_size must equal micro x grad_accum x world, or DeepSpeed asserts much later."""
+    if train_batch is None or train_batch == micro * accum * world:
+        return
+    fix = (f"set gradient_accumulation_steps to {train_batch // (micro * world)}"
+           if train_batch % (micro * world) == 0 else "change the batch flags")
+    raise ConfigError(f"{source}: train_batch_size {train_batch} != micro {micro} x grad_accum "
+                      f"{accum} x world {world} = {micro * accum * world}; {fix} or drop "
+                      f"train_batch_size")
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m trainer.config check FILE...
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.config")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    check = sub.add_parser("check", help="validate DeepSpeed JSON configs")
+    check.add_argument("files", nargs="+", type=Path)
+    check.add_argument("--world_size", type=int, default=None,
+                       help="also check train_batch_size against this many ranks")
+    args = p.parse_args(argv)
+    failed = 0
+    for f in args.files:
+        try:
+            ds = load_ds_config(f)
+            micro = ds.get("train_micro_batch_size_per_gpu")
+            accum = ds.get("gradient_accumulation_steps", 1)
+            if args.world_size and micro:
+                check_batch(ds.get("train_batch_size"), micro, accum, args.world_size, str(f))
+            print(f"ok {f}")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

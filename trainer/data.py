@@ -1,0 +1,313 @@
+"""Data: load records, render them as chat text, tokenize, mask prompts, batch per rank.
+
+A record is ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", "content"}, ...]}``;
+other keys (ids, task kinds) are kept as metadata and ignored here. Loss is on assistant tokens
+only. Every problem is reported as :class:`DataError` (one line naming file and line) before the
+model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers) skip
+ROLES = ("system", "user", "assistant")
+
+# Used when a tokenizer has no chat template. Each turn is "### Role:\n<content>\n\n"; the
+# assistant content is followed by the EOS token so the model learns where to stop.
+FALLBACK_TURN = "### {role}:\n{content}"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or row)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """Load and validate records from a JSONL file, a parquet file or a saved HF dataset dir."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        rows, where = _load_dataset_dir(path), "row"
+    elif path.suffix == ".parquet":
+        import datasets
+
+        try:
+            rows = datasets.Dataset.from_parquet(str(path), keep_in_memory=True).to_list()
+        except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+        where = "row"
+    else:
+        rows, where = _load_jsonl(path), "line"
+    if not rows:
+        raise DataError(f"{path}: no records")
+    for i, rec in enumerate(rows):
+        # JSONL lines are 1-based like an editor's; dataset rows are 0-based like `ds[i]`.
+        validate_record(rec, f"{path}:{where} {i + 1 if where == 'line' else i}")
+    return rows
+
+
+def _load_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:line {lineno}: invalid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:line {lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:line {lineno}: expected a JSON object")
+            rows.append(rec)
+    return rows
+
+
+def _load_dataset_dir(path: Path) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not a saved Hugging Face dataset (no dataset_info.json / "
+                        f"state.json); pass a JSONL or parquet file instead") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
+        ds = ds["train"]
+    return ds.to_list()
+
+
+def validate_record(rec: dict[str, Any], where: str) -> None:
+    """Raise DataError unless rec is a usable prompt/completion or messages record."""
+    if "messages" in rec and rec["messages"] is not None:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{j}] needs a string 'content'")
+            if m.get("role") not in ROLES:
+                raise DataError(f"{where}: messages[{j}].role must be one of {ROLES} "
+                                f"(got {m.get('role')!r})")
+        assistant = [m for m in msgs if m["role"] == "assistant"]
+        if not assistant:
+            raise DataError(f"{where}: no assistant message to train on")
+        if any(not m["content"].strip() for m in assistant):
+            raise DataError(f"{where}: empty assistant message")
+        return
+    if "prompt" not in rec or "completion" not in rec:
+        raise DataError(f"{where}: record needs 'prompt' and 'completion' or 'messages' "
+                        f"(has {sorted(rec)})")
+    for key in ("prompt", "completion"):
+        if not isinstance(rec[key], str):
+            raise DataError(f"{where}: '{key}' must be a string (got {type(rec[key]).__name__})")
+    if not rec["completion"].strip():
+        raise DataError(f"{where}: empty completion")
+
+
+def to_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
+    if rec.get("messages") is not None:
+        return [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+    return [{"role": "user", "content": rec["prompt"]},
+            {"role": "assistant", "content": rec["completion"]}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting and masking
+
+
+def render(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation; return the text and the character spans of assistant turns.
+
+    With a chat template, the span of assistant turn i runs from the end of the rendering of
+    messages[:i] with the generation prompt to the end of the rendering of messages[:i+1], so it
+    covers the content and the template's end-of-turn token (the model must learn to stop).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        def apply(msgs: list[dict[str, str]], gen: bool) -> str:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+        text = apply(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix, upto = apply(messages[:i], True), apply(messages[: i + 1], False)
+            if not (upto.startswith(prefix) and text.startswith(upto)):
+                raise DataError("chat template is not prefix-stable; cannot locate the "
+                                "assistant tokens to train on")
+            spans.append((len(prefix), len(upto)))
+        return text, spans
+    eos = tokenizer.eos_token or ""
+    text, spans = "", []
+    for m in messages:
+        head = FALLBACK_TURN.format(role=m["role"].capitalize(), content="")
+        if m["role"] == "assistant":
+            text += head
+            spans.append((len(text), len(text) + len(m["content"]) + len(eos)))
+            text += m["content"] + eos + "\n\n"
+        else:
+            text += head + m["content"] + "\n\n"
+    return text, spans
+
+
+def tokenize_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids and labels; labels are IGNORE_INDEX outside assistant spans."""
+    text, spans = render(messages, tokenizer)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = []
+    for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+        # A token belongs to the answer when it overlaps an assistant span; the overlap test
+        # (not "starts inside") keeps a merged boundary token such as "\n```" in the loss.
+        inside = any(e > a and s < b for a, b in spans)
+        labels.append(tok if inside else IGNORE_INDEX)
+    return list(enc["input_ids"]), labels
+
+
+@dataclass
+class TokenizedSet:
+    """Tokenized examples plus what was dropped or cut to fit max_seq_length."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    ids: list[int]  # index of each kept example in the source file
+    dropped: int = 0
+    truncated: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def label_tokens(self, i: int) -> int:
+        # The first position is never a target: the model shifts labels left by one.
+        return sum(1 for x in self.labels[i][1:] if x != IGNORE_INDEX)
+
+
+def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, max_seq_length: int,
+                     overlong: str = "drop", source: str = "data") -> TokenizedSet:
+    """Tokenize and mask every record; drop or truncate those over max_seq_length."""
+    out = TokenizedSet([], [], [])
+    for i, rec in enumerate(records):
+        try:
+            ids, labels = tokenize_example(to_messages(rec), tokenizer)
+        except DataError as e:
+            raise DataError(f"{source}: record {i}: {e}") from None
+        if len(ids) > max_seq_length:
+            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+            if overlong == "drop" or all(x == IGNORE_INDEX for x in labels[1:]):
+                out.dropped += 1
+                continue
+            out.truncated += 1
+        out.input_ids.append(ids)
+        out.labels.append(labels)
+        out.ids.append(i)
+    if not out.input_ids:
+        raise DataError(f"{source}: every example is longer than --max_seq_length "
+                        f"{max_seq_length}; raise it or use --overlong truncate")
+    out.stats = dict(examples=len(out), dropped=out.dropped, truncated=out.truncated,
+                     tokens=sum(map(len, out.input_ids)),
+                     label_tokens=sum(out.label_tokens(i) for i in range(len(out))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching: the data order is a pure function of (seed, epoch, step)
+
+
+@dataclass
+class StepBatches:
+    """The micro-batches of one optimizer step for this rank, and the step's global token count.
+
+    `num_label_tokens` counts target tokens over all micro-batches of all ranks in the step; every
+    rank computes it locally from the shared order, so no collective is needed to normalise.
+    """
+
+    micro_batches: list[dict[str, torch.Tensor]]
+    num_label_tokens: int
+    sample_ids: list[int]
+
+
+class Sampler:
+    """Deterministic global-batch sampler sharded over data-parallel ranks.
+
+    Epoch e is a permutation of the examples drawn from (seed, e). Optimizer step s takes the
+    next micro × accum × world examples; micro-batch j of rank r takes a contiguous slice of it,
+    so the same global batch is seen whatever the split between ranks and accumulation.
+    """
+
+    def __init__(self, data: TokenizedSet, micro: int, accum: int, world: int, rank: int,
+                 seed: int, pad_id: int):
+        self.data, self.micro, self.accum, self.world, self.rank = data, micro, accum, world, rank
+        self.seed, self.pad_id = seed, pad_id
+        self.global_batch = micro * accum * world
+        if len(data) < self.global_batch:
+            raise DataError(f"{len(data)} training examples are fewer than one global batch "
+                            f"(batch_size {micro} x grad_accum {accum} x world {world}); "
+                            f"lower the batch flags")
+        self.steps_per_epoch = len(data) // self.global_batch  # the ragged tail is skipped
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+
+    def step(self, step: int) -> StepBatches:
+        """The batches of optimizer step `step` (0-based, counted from the start of training)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        chosen = self.order(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
+        n_tokens = sum(self.data.label_tokens(int(i)) for i in chosen)
+        mine, micro_batches = [], []
+        for j in range(self.accum):
+            base = j * self.micro * self.world + self.rank * self.micro
+            idx = [int(i) for i in chosen[base:base + self.micro]]
+            mine += idx
+            micro_batches.append(collate([self.data.input_ids[i] for i in idx],
+                                         [self.data.labels[i] for i in idx], self.pad_id))
+        return StepBatches(micro_batches, n_tokens, [self.data.ids[i] for i in mine])
+
+
+def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; pad positions are masked and ignored by the loss."""
+    width = max(map(len, input_ids))
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(input_ids), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for row, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
+        ids[row, : len(x)] = torch.tensor(x)
+        lab[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return {"input_ids": ids, "labels": lab, "attention_mask": mask}
+
+
+def eval_batches(data: TokenizedSet, batch: int, world: int, rank: int, pad_id: int
+                 ) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """This rank's eval micro-batches, padded so that every rank runs the same number.
+
+    Under ZeRO-3 a forward pass is a collective, so a rank with fewer examples still runs the
+    forward; the flag says whether its result counts.
+    """
+    per_rank = math.ceil(len(data) / world)
+    n_batches = math.ceil(per_rank / batch)
+    mine = list(range(rank, len(data), world))
+    for b in range(n_batches):
+        idx = mine[b * batch:(b + 1) * batch]
+        real = bool(idx)
+        idx = idx or [0]
+        yield collate([data.input_ids[i] for i in idx], [data.labels[i] for i in idx],
+                      pad_id), real

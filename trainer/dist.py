@@ -1,0 +1,92 @@
+"""Everything rank-related, under one rule: collectives on every rank, writes on rank 0, barrier.
+
+These helpers also work with no process group (a plain `python` run or a unit test): then the
+world is one rank and collectives are identities.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+
+def env_rank() -> int:
+    """Global rank from the launcher's environment, usable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    """World size the launcher gives (deepspeed, torchrun and our tests all set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(timeout_s: int) -> None:
+    """Create the process group through DeepSpeed (NCCL on GPUs, gloo/ccl on CPU).
+
+    Without a launcher (no RANK in the environment) a single-rank group on localhost is made, so
+    `python launch/train.py ...` works too; DeepSpeed would otherwise try MPI discovery.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        tdist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few scalars over ranks in one collective (float64 so token counts stay exact)."""
+    if not is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any rank: stop decisions are taken together."""
+    return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def _comm_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def teardown() -> None:
+    if is_initialized():
+        tdist.destroy_process_group()

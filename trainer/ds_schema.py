@@ -1,0 +1,192 @@
+"""Pydantic schema of the whole DeepSpeed JSON (DeepSpeed 0.19.x), used by trainer.config.
+
+DeepSpeed reads its top-level keys with `dict.get`, so a misspelt key such as
+"gradient_clippping" is silently ignored. Here every level forbids unknown keys. Sections for
+which DeepSpeed ships its own pydantic model (zero_optimization, bf16, fp16, monitors,
+comms_logger, compile) are validated by that model, so we follow DeepSpeed's own field list and
+aliases instead of copying it; the rest are modelled here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Keys DeepSpeed understands but this trainer does not drive (pipeline/tensor/expert
+# parallelism, compression, curriculum, autotuning...). Passing them would be silently
+# half-supported, so they are rejected with a clear message instead.
+UNSUPPORTED_KEYS = frozenset({
+    "pipeline", "hybrid_engine", "expert_parallel", "tensor_parallel", "compression_training",
+    "data_efficiency", "curriculum_learning", "autotuning", "elasticity", "sparse_attention",
+    "nebula", "quantize_training", "torch_autocast", "amp", "sequence_parallel_size",
+    "weight_quantization", "eigenvalue", "progressive_layer_drop", "zenflow",
+})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerParams(_Strict):
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    bias_correction: bool = True
+    amsgrad: bool = False
+    adam_w_mode: bool = True
+    torch_adam: bool = False
+    fused: bool | None = None
+
+
+class OptimizerSection(_Strict):
+    # Only the Adam family: the loop's schedule and the offload variants are built around it.
+    type: Literal["AdamW", "Adam", "adamw", "adam"]
+    params: OptimizerParams = OptimizerParams()
+    legacy_fusion: bool = False
+
+
+class ActivationCheckpointing(_Strict):
+    partition_activations: bool = False
+    contiguous_memory_optimization: bool = False
+    cpu_checkpointing: bool = False
+    number_checkpoints: int | None = Field(None, gt=0)
+    synchronize_checkpoint_boundary: bool = False
+    profile: bool = False
+
+
+class FlopsProfiler(_Strict):
+    enabled: bool = False
+    recompute_fwd_factor: float = Field(0.0, ge=0)
+    profile_step: int = Field(1, ge=1)
+    module_depth: int = -1
+    top_modules: int = Field(1, ge=1)
+    detailed: bool = True
+    output_file: str | None = None
+
+
+class ParallelWrite(_Strict):
+    pipeline_stage: bool = False
+
+
+class CheckpointSection(_Strict):
+    tag_validation: Literal["Ignore", "Warn", "Fail", "ignore", "warn", "fail"] = "Warn"
+    load_universal: bool = False
+    use_node_local_storage: bool = False
+    parallel_write: ParallelWrite = ParallelWrite()
+    writer: dict[str, Any] | None = None
+
+
+class DataTypes(_Strict):
+    grad_accum_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    param_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    buffer_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    keep_in_fp32_modules: Any = None
+
+
+class AIO(_Strict):
+    block_size: int = Field(1048576, gt=0)
+    queue_depth: int = Field(8, gt=0)
+    intra_op_parallelism: int = Field(1, gt=0)
+    thread_count: int | None = Field(None, gt=0)
+    single_submit: bool = False
+    overlap_events: bool = True
+    use_gds: bool = False
+
+
+class DSConfig(_Strict):
+    """Top level of a DeepSpeed config as qsft accepts it."""
+
+    train_batch_size: int | None = Field(None, gt=0)
+    train_micro_batch_size_per_gpu: int | None = Field(None, gt=0)
+    gradient_accumulation_steps: int | None = Field(None, gt=0)
+    gradient_clipping: float = Field(0.0, ge=0)
+    steps_per_print: int | None = Field(None, gt=0)
+    wall_clock_breakdown: bool = False
+    memory_breakdown: bool = False
+    dump_state: bool = False
+    prescale_gradients: bool = False
+    gradient_predivide_factor: float = Field(1.0, gt=0)
+    gradient_allreduce_op: Literal["mean", "sum"] | None = None
+    communication_data_type: Literal["fp32", "fp16", "bf16"] | None = None
+    seq_parallel_communication_data_type: Literal["fp32", "fp16", "bf16"] | None = None
+    disable_allgather: bool = False
+    disable_python_gc: int | None = None
+    sparse_gradients: bool = False
+    zero_allow_untested_optimizer: bool = False
+    zero_force_ds_cpu_optimizer: bool = True
+    dataloader_drop_last: bool = False
+    log_level: str | None = None
+    use_data_before_expert_parallelism: bool = False
+    managed_gradient_accumulation: bool | None = None
+    optimizer: OptimizerSection | None = None
+    scheduler: dict[str, Any] | None = None
+    zero_optimization: dict[str, Any]
+    bf16: dict[str, Any] | None = None
+    fp16: dict[str, Any] | None = None
+    activation_checkpointing: ActivationCheckpointing | None = None
+    flops_profiler: FlopsProfiler | None = None
+    checkpoint: CheckpointSection | None = None
+    data_types: DataTypes | None = None
+    aio: AIO | None = None
+    compile: dict[str, Any] | None = None
+    comms_logger: dict[str, Any] | None = None
+    wandb: dict[str, Any] | None = None
+    tensorboard: dict[str, Any] | None = None
+    csv_monitor: dict[str, Any] | None = None
+    comet: dict[str, Any] | None = None
+    timers: dict[str, Any] | None = None
+
+    def cross_check(self) -> None:
+        """Checks across sections; raises ValueError naming the key and the fix."""
+        zero = self.zero_optimization
+        if zero.get("stage") != 3:
+            raise ValueError(f"zero_optimization.stage must be 3 (got {zero.get('stage')!r}); "
+                             f"qsft shards parameters, gradients and optimizer states")
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+            raise ValueError("zero_optimization.stage3_gather_16bit_weights_on_model_save must be "
+                             "true, or consolidated checkpoints come out empty; set it to true")
+        bf16_on = bool((self.bf16 or {}).get("enabled", False))
+        fp16_on = bool((self.fp16 or {}).get("enabled", False))
+        if bf16_on and fp16_on:
+            raise ValueError("bf16.enabled and fp16.enabled are both true; enable one of them")
+        if self.scheduler is not None:
+            raise ValueError("scheduler: qsft builds warmup + cosine from --warmup_steps and "
+                             "--max_steps; remove the 'scheduler' block")
+        for part in ("offload_optimizer", "offload_param"):
+            off = zero.get(part) or {}
+            device = off.get("device", "none")
+            if device == "nvme" and not off.get("nvme_path"):
+                raise ValueError(f"zero_optimization.{part}.device is nvme but nvme_path is not "
+                                 f"set; add zero_optimization.{part}.nvme_path")
+            if device != "none" and self.optimizer is None:
+                raise ValueError(f"zero_optimization.{part} needs a DeepSpeed 'optimizer' block "
+                                 f"(DeepSpeed rejects a client optimizer with offload); add "
+                                 f"\"optimizer\": {{\"type\": \"AdamW\"}}")
+        if (self.optimizer is not None and self.optimizer.params.torch_adam
+                and (zero.get("offload_optimizer") or {}).get("device", "none") != "none"):
+            raise ValueError("optimizer.params.torch_adam cannot run with offload_optimizer; "
+                             "remove torch_adam")
+
+
+# Section name -> (module, class) of DeepSpeed's own pydantic model for it; every
+# DeepSpeedConfigModel forbids extra keys. Imported lazily so `--help` and config errors stay fast.
+DS_SECTION_MODELS: dict[str, tuple[str, str]] = {
+    "zero_optimization": ("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig"),
+    "bf16": ("deepspeed.runtime.precision_config", "DeepSpeedBF16Config"),
+    "fp16": ("deepspeed.runtime.precision_config", "DeepSpeedFP16Config"),
+    "wandb": ("deepspeed.monitor.config", "WandbConfig"),
+    "tensorboard": ("deepspeed.monitor.config", "TensorBoardConfig"),
+    "csv_monitor": ("deepspeed.monitor.config", "CSVConfig"),
+    "comet": ("deepspeed.monitor.config", "CometConfig"),
+    "comms_logger": ("deepspeed.comm.config", "CommsLoggerConfig"),
+    "compile": ("deepspeed.compile.config", "CompileConfig"),
+}
+
+
+def ds_section_model(section: str) -> type[BaseModel]:
+    """DeepSpeed's pydantic model class for a config section."""
+    module, name = DS_SECTION_MODELS[section]
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,230 @@
+"""The engine-driven training loop: forward, backward, step, then plain ifs for log/eval/save."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer import checkpoint, dist
+from trainer.config import RunConfig, resolve_ds_config
+from trainer.consolidate import export_consolidated
+from trainer.data import Sampler, TokenizedSet, eval_batches, load_records, tokenize_records
+from trainer.metrics import MetricsSink, NullSink
+from trainer.model import build_model, count_parameters, load_tokenizer
+
+
+def lr_lambda(warmup_steps: int, max_steps: int):
+    """Linear warmup to the peak, then cosine decay to zero at max_steps (a factor of the peak)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[TokenizedSet, TokenizedSet | None]:
+    """Load, validate and tokenize train and eval data (raises DataError before any model)."""
+    train = tokenize_records(load_records(cfg.train_path), tokenizer, cfg.max_seq_length,
+                             cfg.overlong, source=str(cfg.train_path))
+    evals = None
+    if cfg.eval_path is not None:
+        evals = tokenize_records(load_records(cfg.eval_path), tokenizer, cfg.max_seq_length,
+                                 cfg.overlong, source=str(cfg.eval_path))
+    return train, evals
+
+
+def build_optimizer(model: Any, cfg: RunConfig, ds_config: dict[str, Any]) -> Any:
+    """A client AdamW unless the DeepSpeed config names an optimizer (offload needs DeepSpeed's).
+
+    torch's AdamW needs no JIT build (DeepSpeed's FusedAdam/CPUAdam compile for ~90 s on first
+    use); on CUDA its fused kernel is as fast as FusedAdam.
+    """
+    if "optimizer" in ds_config:
+        return None
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if "bias" in name or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                             fused=torch.cuda.is_available())
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run training to cfg.max_steps; returns the summary (also printed by rank 0)."""
+    import deepspeed
+
+    wall0 = time.perf_counter()
+    world = dist.env_world_size()
+    # Everything that can be wrong with the input is checked before the process group and model.
+    ds_config = resolve_ds_config(cfg, world)
+    tokenizer = load_tokenizer(cfg.model_dir)
+    train_set, eval_set = prepare_data(cfg, tokenizer)
+    resume_from = checkpoint.find_resume_tag(cfg)
+    ds_config_file = json.loads(json.dumps(ds_config))  # DeepSpeed mutates the dict it is given
+
+    dist.init(cfg.dist_timeout_s)
+    rank = dist.rank()
+    if cfg.resume == "none" and cfg.overwrite:
+        checkpoint.clear_previous_run(cfg.output_dir)
+    sampler = Sampler(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, world, rank,
+                      cfg.seed, tokenizer.pad_token_id)
+    dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
+             else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    model, hf_ds_config = build_model(cfg.model_dir, ds_config, dtype,
+                                      cfg.gradient_checkpointing, cfg.seed)
+    num_params = count_parameters(model)
+    schedule = lr_lambda(cfg.resolved_warmup_steps, cfg.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg, ds_config),
+        model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        # A callable: DeepSpeed wraps the optimizer, and LambdaLR must see the wrapped one.
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+
+    state = checkpoint.TrainerState()
+    if resume_from is not None:
+        checkpoint.load(engine, *resume_from, state)
+    sink = NullSink()
+    if dist.is_main():
+        sink = MetricsSink(cfg.output_dir, cfg.max_steps, state.step, wandb_cfg=_wandb_cfg(cfg, ds_config, state) if cfg.wandb else None)
+        state.wandb_run_id = sink.wandb_run_id
+        write_run_config(cfg, ds_config_file, world, num_params)
+        sink.message(f"model {cfg.model_dir} ({num_params / 1e6:.2f}M params, {dtype}), world "
+                     f"{world}, global batch {sampler.global_batch}, {train_set.stats}, "
+                     f"{sampler.steps_per_epoch} steps/epoch")
+        if resume_from is not None:
+            sink.message(f"resumed from {resume_from[0] / resume_from[1]} at step {state.step}")
+    device = engine.device
+
+    def run_eval() -> None:
+        loss = evaluate(engine, eval_set, cfg.batch_size, device, tokenizer.pad_token_id)
+        state.eval_history.append(dict(step=state.step, eval_loss=loss,
+                                       perplexity=math.exp(min(loss, 50.0))))
+        sink.log_eval(state.eval_history)
+
+    if eval_set is not None and state.step == 0 and not state.eval_history:
+        run_eval()  # the step-0 baseline the demo compares against
+    window = dict(loss_sum=0.0, label_tokens=0, tokens=0, t0=time.perf_counter())
+    tokens_per_s, tps_all = float("nan"), []
+    while state.step < cfg.max_steps:
+        batches = sampler.step(state.step)
+        # Each micro-batch returns sum(token CE) / num_items; DeepSpeed then divides by the
+        # accumulation steps and averages over ranks, so num_items = global target tokens of the
+        # step / (world x accum) makes the step's gradient that of the mean over ALL its target
+        # tokens, not a mean of per-micro-batch means.
+        num_items = batches.num_label_tokens / (world * cfg.gradient_accumulation_steps)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        lr = scheduler.get_last_lr()[0]
+        for mb in batches.micro_batches:
+            window["tokens"] += int(mb["attention_mask"].sum())
+            mb = {k: v.to(device) for k, v in mb.items()}
+            loss = engine(**mb, num_items_in_batch=num_items, use_cache=False).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            loss_sum += loss.detach().double() * num_items  # this micro-batch's summed CE
+            state.micro_step += 1
+        state.step += 1
+        state.consumed_samples += sampler.global_batch
+        window["loss_sum"] += loss_sum  # stays on device: no sync per step
+        window["label_tokens"] += batches.num_label_tokens
+
+        if state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
+            # One collective per logged step: summed CE and non-pad tokens over all ranks.
+            loss_total, tokens = dist.all_reduce_sum([float(window["loss_sum"]), window["tokens"]])
+            elapsed = time.perf_counter() - window["t0"]
+            state.tokens_seen += int(tokens)
+            tokens_per_s = tokens / elapsed
+            tps_all.append(tokens_per_s)
+            grad_norm = engine.get_global_grad_norm()
+            record = dict(step=state.step, loss=loss_total / window["label_tokens"], lr=lr,
+                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                          tokens_per_s=tokens_per_s, consumed_samples=state.consumed_samples,
+                          tokens_seen=state.tokens_seen, epoch=state.step / sampler.steps_per_epoch,
+                          elapsed_s=time.perf_counter() - wall0)
+            sink.log_step(record)
+            window = dict(loss_sum=0.0, label_tokens=0, tokens=0, t0=time.perf_counter())
+            sink.progress(state.step, {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}",
+                                       "tok/s": f"{tokens_per_s:.0f}"})
+        if eval_set is not None and (state.step % cfg.eval_steps == 0
+                                     or state.step == cfg.max_steps):
+            run_eval()
+        if state.step % cfg.save_every_n_steps == 0 or state.step == cfg.max_steps:
+            path, seconds, size = checkpoint.save(engine, cfg.output_dir, state)
+            sink.message(f"saved {path} in {seconds:.1f}s ({size / 2**20:.1f} MiB)")
+
+    final = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.tag_for(state.step)
+    consolidated = export_consolidated(engine, tokenizer, final / "consolidated", state.step,
+                                       num_params)
+    summary = dict(output_dir=str(cfg.output_dir), consolidated=str(consolidated),
+                   steps=state.step, wall_s=time.perf_counter() - wall0,
+                   tokens_per_s=sum(tps_all) / len(tps_all) if tps_all else float("nan"),
+                   eval=state.eval_history)
+    sink.message(format_summary(summary))
+    sink.close()
+    del hf_ds_config
+    return summary
+
+
+@torch.no_grad()
+def evaluate(engine: Any, data: TokenizedSet, batch: int, device: Any, pad_id: int) -> float:
+    """Mean target-token loss over the eval set, all ranks together (forward is a collective)."""
+    engine.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for mb, real in eval_batches(data, batch, dist.world_size(), dist.rank(), pad_id):
+        mb = {k: v.to(device) for k, v in mb.items()}
+        # num_items_in_batch=1 makes the model return the summed (not averaged) token loss.
+        loss = engine(**mb, num_items_in_batch=1, use_cache=False).loss
+        if real:
+            loss_sum += loss.double()
+            count += int((mb["labels"][:, 1:] != -100).sum())
+    engine.train()
+    total, n = dist.all_reduce_sum([float(loss_sum), count])
+    return total / max(n, 1)
+
+
+def write_run_config(cfg: RunConfig, ds_config: dict[str, Any], world: int, num_params: int
+                     ) -> None:
+    import deepspeed
+    import transformers
+    import yaml
+
+    resolved = dict(run=cfg.model_dump(mode="json"), deepspeed=ds_config, world_size=world,
+                    num_parameters=num_params, warmup_steps=cfg.resolved_warmup_steps,
+                    versions=dict(torch=str(torch.__version__), deepspeed=str(deepspeed.__version__),
+                                  transformers=str(transformers.__version__)))
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def _wandb_cfg(cfg: RunConfig, ds_config: dict[str, Any], state: Any) -> dict[str, Any]:
+    wandb_dir = Path(cfg.output_dir) / "wandb"
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    return dict(project="qsft", name=f"{cfg.experiment_name}-{cfg.model_size}",
+                config=dict(run=cfg.model_dump(mode="json"), deepspeed=ds_config),
+                dir=str(wandb_dir), run_id=state.wandb_run_id)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = ["", "== qsft: training complete ==",
+             f"steps {s['steps']} in {s['wall_s'] / 60:.1f} min, mean {s['tokens_per_s']:.0f} "
+             f"tokens/s (non-padding, all ranks)"]
+    if s["eval"]:
+        first, last = s["eval"][0], s["eval"][-1]
+        best = min(s["eval"], key=lambda r: r["eval_loss"])
+        lines.append(f"eval loss {first['eval_loss']:.4f} (step {first['step']}) -> "
+                     f"{last['eval_loss']:.4f} (step {last['step']}); best "
+                     f"{best['eval_loss']:.4f} at step {best['step']}")
+    c = s["consolidated"]
+    lines += [f"consolidated checkpoint: {c}",
+              "load it: from transformers import AutoModelForCausalLM, AutoTokenizer; "
+              f"AutoModelForCausalLM.from_pretrained('{c}'); AutoTokenizer.from_pretrained('{c}')"]
+    return "\n".join(lines)

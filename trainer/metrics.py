@@ -1,0 +1,109 @@
+"""Logging sinks: training_log.txt, metrics.jsonl, eval_results.json, wandb, progress bar.
+
+Rank 0 gets a :class:`MetricsSink`; the other ranks get a :class:`NullSink` with the same methods,
+so the loop never branches on the rank to log (nanochat's DummyWandb pattern).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class NullSink:
+    """What non-zero ranks log to: nothing."""
+
+    wandb_run_id: str | None = None
+
+    def log_step(self, record: dict[str, Any]) -> None: ...
+    def log_eval(self, history: list[dict[str, Any]]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def progress(self, step: int, postfix: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class MetricsSink(NullSink):
+    """Rank 0's sink. Files are appended so a resumed run continues its logs."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, wandb_cfg: Any = None):
+        self.logs = Path(output_dir) / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.text = open(self.logs / "training_log.txt", "a", buffering=1)
+        self.jsonl = open(self.logs / "metrics.jsonl", "a", buffering=1)
+        self.wandb = _start_wandb(wandb_cfg, self.message) if wandb_cfg else None
+        self.wandb_run_id = self.wandb.id if self.wandb else None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                        dynamic_ncols=True, disable=os.environ.get("QSFT_NO_PROGRESS") == "1")
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.text.write(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {record['step']} "
+            f"loss {record['loss']:.4f} lr {record['lr']:.3e} grad_norm {record['grad_norm']:.3f} "
+            f"tokens/s {record['tokens_per_s']:.0f} samples {record['consumed_samples']}\n")
+        if self.wandb:
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"},
+                           step=record["step"])
+
+    def log_eval(self, history: list[dict[str, Any]]) -> None:
+        last, best = history[-1], min(history, key=lambda r: r["eval_loss"])
+        tmp = self.logs / "eval_results.json.tmp"
+        tmp.write_text(json.dumps({"history": history, "best_step": best["step"],
+                                   "best_eval_loss": best["eval_loss"]}, indent=2) + "\n")
+        os.replace(tmp, self.logs / "eval_results.json")
+        self.message(f"eval step {last['step']}: loss {last['eval_loss']:.4f} perplexity "
+                     f"{last['perplexity']:.2f} (best {best['eval_loss']:.4f} at step "
+                     f"{best['step']})")
+        if self.wandb:
+            self.wandb.log({"eval/loss": last["eval_loss"], "eval/perplexity":
+                            last["perplexity"]}, step=last["step"])
+
+    def message(self, text: str) -> None:
+        self.bar.write(text)
+        self.text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        self.bar.n = step
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.text.close()
+        self.jsonl.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _start_wandb(cfg: dict[str, Any], say: Any) -> Any:
+    """Start (or resume) a wandb run that can never hang the job.
+
+    No API key -> offline mode; a failed online start -> offline. Said once, on rank 0.
+    """
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+        mode = "offline"
+        say("wandb: no API key found; logging offline (upload later with `wandb sync`)")
+    kwargs = dict(project=cfg["project"], name=cfg["name"], config=cfg["config"],
+                  dir=cfg["dir"], id=cfg.get("run_id"), resume="allow" if cfg.get("run_id")
+                  else None, settings=wandb.Settings(init_timeout=60, silent=True))
+    try:
+        return wandb.init(mode=mode, **kwargs)
+    except Exception as e:  # wandb raises its own CommError/UsageError types on a bad network
+        say(f"wandb: online start failed ({type(e).__name__}); logging offline instead")
+        return wandb.init(mode="offline", **kwargs)
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False

@@ -1,0 +1,62 @@
+"""Tokenizer and model construction, partitioned by ZeRO-3 as they are created."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
+
+
+def has_weights(model_dir: Path) -> bool:
+    return any(any(Path(model_dir).glob(g)) for g in WEIGHT_GLOBS)
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token_id is None:
+        # Qwen2.5 ships <|endoftext|> as pad; for a tokenizer without one, padding with EOS is
+        # safe because pad positions are masked out of attention and loss.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(model_dir: Path, ds_config: dict[str, Any], dtype: torch.dtype,
+                gradient_checkpointing: bool, seed: int) -> tuple[Any, Any]:
+    """Create the causal LM with its parameters already sharded across ranks.
+
+    Returns (model, hf_ds_config). The caller must keep `hf_ds_config` alive until
+    `deepspeed.initialize`: transformers consults it (a weak global) to construct the model inside
+    `deepspeed.zero.Init`, so no rank ever holds the whole model. A model directory without
+    weights (the shipped `tiny` demo) is initialised from its config with `seed`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    set_seed(seed)  # same init on every rank, whatever the launch order
+    config = AutoConfig.from_pretrained(str(model_dir))
+    config.use_cache = False  # no KV cache in training (and required by gradient checkpointing)
+    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    if has_weights(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, hf_ds_config
+
+
+def count_parameters(model: Any) -> int:
+    """Parameter count of a possibly ZeRO-3 partitioned model (ds_numel is the full size)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += getattr(p, "ds_numel", p.numel())
+    return total
