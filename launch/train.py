@@ -7,6 +7,7 @@ with status 2 and one line on stderr (printed by rank 0 only, so a 64-rank job p
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, too
@@ -14,6 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from trainer import dist  # noqa: E402
 from trainer.config import ConfigError, parse_run_config  # noqa: E402
 from trainer.data import DataError  # noqa: E402
+
+# DeepSpeed 0.19.8 still calls torch.distributed's *_into_tensor / *_tensor collectives, which
+# torch 2.13 deprecates with a FutureWarning per call site and rank; the calls work.
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*")
 
 
 def main(argv: list[str] | None = None) -> int:

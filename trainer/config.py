@@ -30,19 +30,19 @@ MODEL_SIZES: tuple[str, ...] = ("tiny", "1.5b", "3b", "7b", "14b", "32b")
 # Per-size defaults, from the original experiments: 2e-5 for the small sizes, 4e-6 for 14b/32b,
 # 1000 steps, a checkpoint every 100 steps (50 for the large ones), micro 1 x GA 8 for 14b/32b.
 # `tiny` trains a randomly initialised demo model from scratch, hence its high learning rate.
+_SMALL = dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
+              max_seq_length=4096, logging_steps=10)
+_LARGE = dict(_SMALL, learning_rate=4e-6, save_every_n_steps=50, batch_size=1,
+              gradient_accumulation_steps=8)
 SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(learning_rate=2e-3, max_steps=300, save_every_n_steps=100, eval_steps=50,
-                 max_seq_length=512, batch_size=4, gradient_accumulation_steps=1, logging_steps=10),
-    "1.5b": dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
-                 max_seq_length=4096, batch_size=2, gradient_accumulation_steps=4, logging_steps=10),
-    "3b": dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
-               max_seq_length=4096, batch_size=2, gradient_accumulation_steps=4, logging_steps=10),
-    "7b": dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
-               max_seq_length=4096, batch_size=1, gradient_accumulation_steps=8, logging_steps=10),
-    "14b": dict(learning_rate=4e-6, max_steps=1000, save_every_n_steps=50, eval_steps=50,
-                max_seq_length=4096, batch_size=1, gradient_accumulation_steps=8, logging_steps=10),
-    "32b": dict(learning_rate=4e-6, max_steps=1000, save_every_n_steps=50, eval_steps=50,
-                max_seq_length=4096, batch_size=1, gradient_accumulation_steps=8, logging_steps=10),
+    "tiny": dict(learning_rate=2e-3, max_steps=200, save_every_n_steps=100, eval_steps=25,
+                 max_seq_length=512, batch_size=4, gradient_accumulation_steps=1,
+                 logging_steps=10),
+    "1.5b": dict(_SMALL, batch_size=2, gradient_accumulation_steps=4),
+    "3b": dict(_SMALL, batch_size=2, gradient_accumulation_steps=4),
+    "7b": dict(_SMALL, batch_size=1, gradient_accumulation_steps=8),
+    "14b": _LARGE,
+    "32b": _LARGE,
 }
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer import dist
+from trainer import dist, versions
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -38,13 +38,14 @@ def export_consolidated(engine: Any, tokenizer: Any, out_dir: Path, step: int,
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         module = engine.module
+        # Before save_pretrained, which empties the dict as it writes shards (transformers 5.x).
+        dtype = next(iter(state_dict.values())).dtype
         # save_pretrained with an explicit state_dict writes exactly these tensors; for a tied
         # config it drops lm_head.weight, which from_pretrained re-ties from embed_tokens.
         module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if module.generation_config is not None:
             module.generation_config.save_pretrained(tmp)
-        dtype = next(iter(state_dict.values())).dtype if state_dict else None
         write_manifest(tmp, step=step, dtype=str(dtype).removeprefix("torch."),
                        num_params=num_params)
         if out_dir.exists():
@@ -55,15 +56,10 @@ def export_consolidated(engine: Any, tokenizer: Any, out_dir: Path, step: int,
 
 
 def write_manifest(directory: Path, step: int, dtype: str, num_params: int) -> None:
-    import deepspeed
-    import torch
-    import transformers
-
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(Path(directory).iterdir()) if p.is_file()}
     manifest = {"source_step": step, "source_tag": f"checkpoint-{step}", "dtype": dtype,
                 "num_parameters": num_params, "files": files,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "versions": {"torch": str(torch.__version__), "deepspeed": str(deepspeed.__version__),
-                             "transformers": str(transformers.__version__)}}
+                "versions": versions()}
     (Path(directory) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer import checkpoint, dist
+from trainer import checkpoint, dist, versions
 from trainer.config import RunConfig, resolve_ds_config
 from trainer.consolidate import export_consolidated
 from trainer.data import Sampler, TokenizedSet, eval_batches, load_records, tokenize_records
@@ -58,8 +59,35 @@ def build_optimizer(model: Any, cfg: RunConfig, ds_config: dict[str, Any]) -> An
                              fused=torch.cuda.is_available())
 
 
+@dataclass
+class Run:
+    """Everything the loop works with, built once by :func:`setup`."""
+
+    cfg: RunConfig
+    engine: Any
+    scheduler: Any
+    tokenizer: Any
+    train_set: TokenizedSet
+    eval_set: TokenizedSet | None
+    sampler: Sampler
+    state: checkpoint.TrainerState
+    sink: NullSink
+    num_params: int
+    world: int
+    wall0: float
+    hf_ds_config: Any = None  # keeps transformers' ZeRO-3 hook alive for the run
+    tokens_per_s: list[float] = field(default_factory=list)
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run training to cfg.max_steps; returns the summary (also printed by rank 0)."""
+    run = setup(cfg)
+    fit(run)
+    return finish(run)
+
+
+def setup(cfg: RunConfig) -> Run:
+    """Validate everything, then create the process group, the sharded model and the engine."""
     import deepspeed
 
     wall0 = time.perf_counter()
@@ -72,11 +100,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ds_config_file = json.loads(json.dumps(ds_config))  # DeepSpeed mutates the dict it is given
 
     dist.init(cfg.dist_timeout_s)
-    rank = dist.rank()
     if cfg.resume == "none" and cfg.overwrite:
         checkpoint.clear_previous_run(cfg.output_dir)
-    sampler = Sampler(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, world, rank,
-                      cfg.seed, tokenizer.pad_token_id)
+    sampler = Sampler(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, world,
+                      dist.rank(), cfg.seed, tokenizer.pad_token_id)
     dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
              else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
     model, hf_ds_config = build_model(cfg.model_dir, ds_config, dtype,
@@ -94,7 +121,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         checkpoint.load(engine, *resume_from, state)
     sink = NullSink()
     if dist.is_main():
-        sink = MetricsSink(cfg.output_dir, cfg.max_steps, state.step, wandb_cfg=_wandb_cfg(cfg, ds_config, state) if cfg.wandb else None)
+        sink = MetricsSink(cfg.output_dir, cfg.max_steps, state.step,
+                           wandb_cfg=_wandb_cfg(cfg, ds_config_file, state) if cfg.wandb else None)
         state.wandb_run_id = sink.wandb_run_id
         write_run_config(cfg, ds_config_file, world, num_params)
         sink.message(f"model {cfg.model_dir} ({num_params / 1e6:.2f}M params, {dtype}), world "
@@ -102,85 +130,105 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                      f"{sampler.steps_per_epoch} steps/epoch")
         if resume_from is not None:
             sink.message(f"resumed from {resume_from[0] / resume_from[1]} at step {state.step}")
-    device = engine.device
+    return Run(cfg, engine, scheduler, tokenizer, train_set, eval_set, sampler, state, sink,
+               num_params, world, wall0, hf_ds_config)
 
-    def run_eval() -> None:
-        loss = evaluate(engine, eval_set, cfg.batch_size, device, tokenizer.pad_token_id)
-        state.eval_history.append(dict(step=state.step, eval_loss=loss,
-                                       perplexity=math.exp(min(loss, 50.0))))
-        sink.log_eval(state.eval_history)
 
-    if eval_set is not None and state.step == 0 and not state.eval_history:
-        run_eval()  # the step-0 baseline the demo compares against
+def forward_backward(engine: Any, micro_batch: dict[str, torch.Tensor], num_items: float
+                     ) -> torch.Tensor:
+    """One micro-batch: forward and backward; returns its summed token CE (detached, float64).
+
+    The model returns sum(token CE) / num_items. DeepSpeed's backward then divides by the
+    accumulation steps and its gradient reduction averages over ranks, so passing
+    num_items = (target tokens of the whole optimizer step, all ranks) / (world x accum) makes
+    the step's gradient that of the mean over ALL its target tokens — not a mean of
+    per-micro-batch means, which would overweight short examples.
+    """
+    micro_batch = {k: v.to(engine.device) for k, v in micro_batch.items()}
+    loss = engine(**micro_batch, num_items_in_batch=num_items, use_cache=False).loss
+    engine.backward(loss)
+    return loss.detach().double() * num_items
+
+
+def fit(run: Run) -> None:
+    """The training loop: micro-batches -> forward/backward/step, then log, eval, save."""
+    cfg, engine, state, sink = run.cfg, run.engine, run.state, run.sink
+    accum = cfg.gradient_accumulation_steps
+    if run.eval_set is not None and state.step == 0 and not state.eval_history:
+        run_eval(run)  # the step-0 baseline that later evals are compared with
     window = dict(loss_sum=0.0, label_tokens=0, tokens=0, t0=time.perf_counter())
-    tokens_per_s, tps_all = float("nan"), []
     while state.step < cfg.max_steps:
-        batches = sampler.step(state.step)
-        # Each micro-batch returns sum(token CE) / num_items; DeepSpeed then divides by the
-        # accumulation steps and averages over ranks, so num_items = global target tokens of the
-        # step / (world x accum) makes the step's gradient that of the mean over ALL its target
-        # tokens, not a mean of per-micro-batch means.
-        num_items = batches.num_label_tokens / (world * cfg.gradient_accumulation_steps)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        lr = scheduler.get_last_lr()[0]
+        batches = run.sampler.step(state.step)
+        num_items = batches.num_label_tokens / (run.world * accum)
+        lr = run.scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         for mb in batches.micro_batches:
             window["tokens"] += int(mb["attention_mask"].sum())
-            mb = {k: v.to(device) for k, v in mb.items()}
-            loss = engine(**mb, num_items_in_batch=num_items, use_cache=False).loss
-            engine.backward(loss)
+            loss_sum += forward_backward(engine, mb, num_items)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            loss_sum += loss.detach().double() * num_items  # this micro-batch's summed CE
             state.micro_step += 1
         state.step += 1
-        state.consumed_samples += sampler.global_batch
-        window["loss_sum"] += loss_sum  # stays on device: no sync per step
+        state.consumed_samples += run.sampler.global_batch
+        window["loss_sum"] += loss_sum  # stays on the device: no host sync per step
         window["label_tokens"] += batches.num_label_tokens
 
         if state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
             # One collective per logged step: summed CE and non-pad tokens over all ranks.
-            loss_total, tokens = dist.all_reduce_sum([float(window["loss_sum"]), window["tokens"]])
+            loss_total, tokens = dist.all_reduce_sum([float(window["loss_sum"]),
+                                                      window["tokens"]])
             elapsed = time.perf_counter() - window["t0"]
             state.tokens_seen += int(tokens)
-            tokens_per_s = tokens / elapsed
-            tps_all.append(tokens_per_s)
+            run.tokens_per_s.append(tokens / elapsed)
             grad_norm = engine.get_global_grad_norm()
             record = dict(step=state.step, loss=loss_total / window["label_tokens"], lr=lr,
                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                          tokens_per_s=tokens_per_s, consumed_samples=state.consumed_samples,
-                          tokens_seen=state.tokens_seen, epoch=state.step / sampler.steps_per_epoch,
-                          elapsed_s=time.perf_counter() - wall0)
+                          tokens_per_s=tokens / elapsed, consumed_samples=state.consumed_samples,
+                          tokens_seen=state.tokens_seen,
+                          epoch=state.step / run.sampler.steps_per_epoch,
+                          elapsed_s=time.perf_counter() - run.wall0)
             sink.log_step(record)
-            window = dict(loss_sum=0.0, label_tokens=0, tokens=0, t0=time.perf_counter())
             sink.progress(state.step, {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}",
-                                       "tok/s": f"{tokens_per_s:.0f}"})
-        if eval_set is not None and (state.step % cfg.eval_steps == 0
-                                     or state.step == cfg.max_steps):
-            run_eval()
+                                       "tok/s": f"{record['tokens_per_s']:.0f}"})
+            window = dict(loss_sum=0.0, label_tokens=0, tokens=0, t0=time.perf_counter())
+        if run.eval_set is not None and (state.step % cfg.eval_steps == 0
+                                         or state.step == cfg.max_steps):
+            run_eval(run)
         if state.step % cfg.save_every_n_steps == 0 or state.step == cfg.max_steps:
             path, seconds, size = checkpoint.save(engine, cfg.output_dir, state)
             sink.message(f"saved {path} in {seconds:.1f}s ({size / 2**20:.1f} MiB)")
 
-    final = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.tag_for(state.step)
-    consolidated = export_consolidated(engine, tokenizer, final / "consolidated", state.step,
-                                       num_params)
-    summary = dict(output_dir=str(cfg.output_dir), consolidated=str(consolidated),
-                   steps=state.step, wall_s=time.perf_counter() - wall0,
-                   tokens_per_s=sum(tps_all) / len(tps_all) if tps_all else float("nan"),
+
+def run_eval(run: Run) -> None:
+    loss = evaluate(run.engine, run.eval_set, run.cfg.batch_size, run.tokenizer.pad_token_id)
+    run.state.eval_history.append(dict(step=run.state.step, eval_loss=loss,
+                                       perplexity=math.exp(min(loss, 50.0))))
+    run.sink.log_eval(run.state.eval_history)
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Consolidate the final checkpoint for the RL stage, print the summary, close the sinks."""
+    state = run.state
+    final = checkpoint.checkpoint_root(run.cfg.output_dir) / checkpoint.tag_for(state.step)
+    consolidated = export_consolidated(run.engine, run.tokenizer, final / "consolidated",
+                                       state.step, run.num_params)
+    tps = run.tokens_per_s
+    summary = dict(output_dir=str(run.cfg.output_dir), consolidated=str(consolidated),
+                   steps=state.step, wall_s=time.perf_counter() - run.wall0,
+                   tokens_per_s=sum(tps) / len(tps) if tps else float("nan"),
                    eval=state.eval_history)
-    sink.message(format_summary(summary))
-    sink.close()
-    del hf_ds_config
+    run.sink.message(format_summary(summary))
+    run.sink.close()
     return summary
 
 
 @torch.no_grad()
-def evaluate(engine: Any, data: TokenizedSet, batch: int, device: Any, pad_id: int) -> float:
+def evaluate(engine: Any, data: TokenizedSet, batch: int, pad_id: int) -> float:
     """Mean target-token loss over the eval set, all ranks together (forward is a collective)."""
     engine.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     count = 0
     for mb, real in eval_batches(data, batch, dist.world_size(), dist.rank(), pad_id):
-        mb = {k: v.to(device) for k, v in mb.items()}
+        mb = {k: v.to(engine.device) for k, v in mb.items()}
         # num_items_in_batch=1 makes the model return the summed (not averaged) token loss.
         loss = engine(**mb, num_items_in_batch=1, use_cache=False).loss
         if real:
@@ -193,14 +241,11 @@ def evaluate(engine: Any, data: TokenizedSet, batch: int, device: Any, pad_id: i
 
 def write_run_config(cfg: RunConfig, ds_config: dict[str, Any], world: int, num_params: int
                      ) -> None:
-    import deepspeed
-    import transformers
     import yaml
 
     resolved = dict(run=cfg.model_dump(mode="json"), deepspeed=ds_config, world_size=world,
                     num_parameters=num_params, warmup_steps=cfg.resolved_warmup_steps,
-                    versions=dict(torch=str(torch.__version__), deepspeed=str(deepspeed.__version__),
-                                  transformers=str(transformers.__version__)))
+                    versions=versions())
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 

@@ -1,0 +1,53 @@
+"""Shared test helpers: launching real multi-rank jobs on CPU with a hard timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",  # 2 ranks on 2 cores; the deepspeed launcher does not set it
+        TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),  # JIT once, then reuse
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled", QSFT_NO_PROGRESS="1", TMPDIR=str(tmp),
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def launch(script: str, args: list[str], nproc: int, tmp: Path, timeout: int = 300
+           ) -> subprocess.CompletedProcess:
+    """Run `deepspeed --num_gpus nproc script args` in its own session; kill it all on timeout.
+
+    A new session lets us kill the launcher *and* its ranks: killing only the launcher would
+    orphan the ranks (they train on).
+    """
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+           str(free_port()), script, *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{script} hung for {timeout}s; output tail:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")

@@ -1,0 +1,55 @@
+"""Test probe, launched with the real deepspeed launcher: exposes engine internals to tests.
+
+    probe.py grads  OUT.pt  TRAIN_FLAGS...   one step's micro-batches; dump full gradients
+    probe.py logits OUT.pt  TRAIN_FLAGS...   train as launch/train.py does; dump live logits
+
+It drives the same setup()/forward_backward()/fit()/finish() the trainer uses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+from trainer import dist
+from trainer.config import parse_run_config
+from trainer.data import collate
+from trainer.loop import finish, fit, forward_backward, setup
+
+
+def main() -> None:
+    # The launcher puts --local_rank=N first; the trainer's parser accepts it anywhere.
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    mode, out, argv = args[0], args[1], args[2:]
+    run = setup(parse_run_config(argv))
+    engine = run.engine
+    if mode == "grads":
+        init = engine._zero3_consolidated_16bit_state_dict()  # collective
+        batches = run.sampler.step(0)
+        num_items = batches.num_label_tokens / (run.world * run.cfg.gradient_accumulation_steps)
+        for j, mb in enumerate(batches.micro_batches):
+            forward_backward(engine, mb, num_items)
+            if j < len(batches.micro_batches) - 1:
+                engine.step()  # not the boundary: only counts the micro-step
+        # At the boundary the gradients are reduced; gathering them is a collective.
+        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        if dist.is_main():
+            torch.save({"init": init, "grads": grads}, out)
+    else:
+        fit(run)
+        finish(run)
+        data = run.eval_set
+        batch = collate(data.input_ids[:4], data.labels[:4], run.tokenizer.pad_token_id)
+        engine.eval()
+        with torch.no_grad():
+            logits = engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits
+        if dist.is_main():
+            torch.save({"batch": batch, "logits": logits.cpu()}, out)
+    dist.barrier()
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    main()
