@@ -101,6 +101,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"--base_model {self.base_model}: no config.json there")
         if self.ds_config is not None and not self.ds_config.is_file():
             raise ValueError(f"--ds_config {self.ds_config}: file not found")
+        if self.packing:
+            raise ValueError("--packing is not available yet: examples are padded per "
+                             "micro-batch; drop the flag or pass --no-packing")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: expected auto, none or a checkpoint dir")
         return self

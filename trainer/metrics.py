@@ -33,12 +33,12 @@ class MetricsSink(NullSink):
         self.logs.mkdir(parents=True, exist_ok=True)
         self.text = open(self.logs / "training_log.txt", "a", buffering=1)
         self.jsonl = open(self.logs / "metrics.jsonl", "a", buffering=1)
-        self.wandb = _start_wandb(wandb_cfg, self.message) if wandb_cfg else None
-        self.wandb_run_id = self.wandb.id if self.wandb else None
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True, disable=os.environ.get("QSFT_NO_PROGRESS") == "1")
+        self.wandb = _start_wandb(wandb_cfg, self.message) if wandb_cfg else None
+        self.wandb_run_id = self.wandb.id if self.wandb else None
 
     def log_step(self, record: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(record) + "\n")

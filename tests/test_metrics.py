@@ -1,0 +1,58 @@
+"""Logging sinks, the LR schedule and wandb's offline fallback."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from trainer.loop import format_summary, lr_lambda
+from trainer.metrics import MetricsSink
+
+
+def test_warmup_then_cosine_to_zero():
+    f = lr_lambda(warmup_steps=10, max_steps=110)
+    assert f(0) == 0.1 and f(9) == 1.0
+    assert math.isclose(f(60), 0.5) and f(110) == 0.0
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def test_sink_writes_logs_and_eval_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("QSFT_NO_PROGRESS", "1")
+    sink = MetricsSink(tmp_path, total_steps=10, start_step=0)
+    sink.log_step(dict(step=5, loss=1.5, lr=1e-3, grad_norm=0.5, tokens_per_s=100.0,
+                       consumed_samples=40))
+    hist = [dict(step=0, eval_loss=3.0, perplexity=math.exp(3.0)),
+            dict(step=5, eval_loss=2.0, perplexity=math.exp(2.0))]
+    sink.log_eval(hist)
+    sink.close()
+    assert json.loads((tmp_path / "logs" / "metrics.jsonl").read_text())["loss"] == 1.5
+    ev = json.loads((tmp_path / "logs" / "eval_results.json").read_text())
+    assert ev["best_step"] == 5 and ev["best_eval_loss"] == 2.0 and len(ev["history"]) == 2
+    text = (tmp_path / "logs" / "training_log.txt").read_text()
+    assert "step 5 loss 1.5000" in text and "eval step 5: loss 2.0000" in text
+
+
+def test_wandb_without_api_key_goes_offline_and_says_so_once(tmp_path, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wb_cache"))
+    monkeypatch.setenv("QSFT_NO_PROGRESS", "1")
+    cfg = dict(project="qsft-test", name="t", config={"a": 1}, dir=str(tmp_path))
+    sink = MetricsSink(tmp_path, total_steps=1, start_step=0, wandb_cfg=cfg)
+    assert sink.wandb is not None and sink.wandb.settings.mode == "offline"
+    sink.log_step(dict(step=1, loss=1.0, lr=1e-3, grad_norm=0.1, tokens_per_s=1.0,
+                       consumed_samples=1))
+    sink.close()
+    log = (tmp_path / "logs" / "training_log.txt").read_text()
+    assert log.count("wandb: no API key found; logging offline") == 1
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_summary_names_consolidated_dir_and_losses():
+    text = format_summary(dict(steps=10, wall_s=60, tokens_per_s=1234.0, consolidated="/x/c",
+                               eval=[dict(step=0, eval_loss=7.0), dict(step=10, eval_loss=3.0)]))
+    assert "eval loss 7.0000 (step 0) -> 3.0000 (step 10)" in text
+    assert "from_pretrained('/x/c')" in text and "1234 tokens/s" in text
