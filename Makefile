@@ -10,6 +10,9 @@ DEMO_RANKS ?= 2
 
 # 2 ranks on 2 cores: one thread each (the deepspeed launcher does not set it); a stable
 # place for DeepSpeed's one-time JIT build of its CPU comm op; nothing from the hub.
+# The venv's bin/ first on PATH, as in an activated venv: DeepSpeed's JIT build is keyed on the
+# exact compile command, which changes with PATH, and a mismatch rebuilds the op (~60 s) each time.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1

@@ -29,6 +29,9 @@ def run_env(tmp: Path) -> dict[str, str]:
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
         WANDB_MODE="disabled", QSFT_NO_PROGRESS="1", TMPDIR=str(tmp),
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        # As in an activated venv (and the Makefile): DeepSpeed's JIT op cache is keyed on the
+        # compile command, which depends on PATH; a different PATH means a 60 s rebuild.
+        PATH=str(VENV_BIN) + os.pathsep + env.get("PATH", ""),
     )
     return env
 
