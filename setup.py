@@ -26,5 +26,6 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"]},
-    entry_points={"console_scripts": ["qsft-config=trainer.config:main"]},
+    entry_points={"console_scripts": ["qsft-config=trainer.config:main",
+                                      "qsft-consolidate=trainer.consolidate:main"]},
 )

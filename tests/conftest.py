@@ -54,3 +54,35 @@ def launch(script: str, args: list[str], nproc: int, tmp: Path, timeout: int = 3
         out, _ = proc.communicate()
         pytest.fail(f"{script} hung for {timeout}s; output tail:\n{out[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def train_tiny(tmp: Path, *extra: str, nproc: int = 2, steps: int = 16) -> tuple[Path, str]:
+    """A short real training run of the tiny model through the launcher; returns (out, log)."""
+    out = tmp / "run"
+    res = launch("launch/train.py", ["--model_size", "tiny", "--output_dir", str(out),
+                                     "--max_steps", str(steps), "--save_steps", str(steps // 2),
+                                     "--eval_steps", str(steps // 2), "--logging_steps", "4",
+                                     *extra], nproc=nproc, tmp=tmp, timeout=400)
+    assert res.returncode == 0, res.stdout[-4000:]
+    return out, res.stdout
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """16 steps of the tied tiny model on 2 ranks, checkpoints at 8 and 16, consolidated."""
+    return train_tiny(tmp_path_factory.mktemp("e2e"))
+
+
+@pytest.fixture(scope="session")
+def trained_untied(tmp_path_factory):
+    """The same with untied embeddings (a separate lm_head, like Qwen2.5-7B and larger)."""
+    import json
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("untied")
+    model = tmp / "untied_model"
+    shutil.copytree(REPO / "trainer" / "assets" / "tiny_model", model)
+    config = json.loads((model / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (model / "config.json").write_text(json.dumps(config))
+    return train_tiny(tmp, "--base_model", str(model), "--consolidate", "none", steps=4)

@@ -75,17 +75,6 @@ def test_loss_normalisation_1rank_ga4_equals_2ranks_ga2(tmp_path):
     assert _max_rel_diff(naive, ref) > 1e-2
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    out = tmp / "run"
-    res = launch("launch/train.py", ["--model_size", "tiny", "--output_dir", str(out),
-                                     "--max_steps", "16", "--save_steps", "8", "--eval_steps",
-                                     "8", "--logging_steps", "4"], nproc=2, tmp=tmp, timeout=400)
-    assert res.returncode == 0, res.stdout[-4000:]
-    return out, res.stdout
-
-
 def test_end_to_end_output_layout(trained):
     out, stdout = trained
     ckpts = out / "checkpoints"

@@ -6,14 +6,18 @@ DeepSpeed's `zero_to_fp32.py` and one `checkpoint-N/` tag directory per save.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trainer import dist
 from trainer.config import ConfigError, RunConfig
+from trainer.consolidate import HF_SUBDIR, PROBE_FILE
 
 STATE_KEY = "qsft_trainer_state"
 
@@ -80,15 +84,43 @@ def clear_previous_run(output_dir: Path) -> None:
     dist.barrier()
 
 
-def save(engine: Any, output_dir: Path, state: TrainerState) -> tuple[Path, float, int]:
-    """Save a checkpoint on every rank (a collective); returns (tag dir, seconds, bytes)."""
+def save(engine: Any, output_dir: Path, state: TrainerState, tokenizer: Any,
+         probe_ids: torch.Tensor) -> tuple[Path, float, int]:
+    """Save a checkpoint on every rank (a collective); returns (tag dir, seconds, bytes).
+
+    Besides DeepSpeed's shards, the tag gets `hf/`: the model config, generation config and
+    tokenizer, plus the live engine's logits on a fixed probe batch, so the tag alone can be
+    consolidated into a Hugging Face directory offline and that result verified.
+    """
     root, tag = checkpoint_root(output_dir), tag_for(state.step)
     t0 = time.perf_counter()
     engine.save_checkpoint(str(root), tag=tag, client_state={STATE_KEY: state.state_dict()})
+    probe = _probe_logits(engine, probe_ids)  # a forward pass: every rank takes part
+    if dist.is_main():
+        hf = root / tag / HF_SUBDIR
+        hf.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(engine.module.config)
+        config.use_cache = True  # off for training; what inference downstream wants
+        config.save_pretrained(hf)
+        if engine.module.generation_config is not None:
+            engine.module.generation_config.save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+        torch.save(probe, hf / PROBE_FILE)
     dist.barrier()
     seconds = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in (root / tag).rglob("*") if f.is_file())
     return root / tag, seconds, size
+
+
+@torch.no_grad()
+def _probe_logits(engine: Any, input_ids: torch.Tensor) -> dict[str, Any]:
+    was_training = engine.training
+    engine.eval()
+    logits = engine(input_ids=input_ids.to(engine.device), use_cache=False).logits.float().cpu()
+    engine.train(was_training)
+    return {"input_ids": input_ids.cpu(), "lse": torch.logsumexp(logits, dim=-1),
+            "head": logits[..., :256].clone(),
+            "dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
 
 
 def load(engine: Any, root: Path, tag: str, state: TrainerState) -> None:

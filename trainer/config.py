@@ -31,13 +31,14 @@ MODEL_SIZES: tuple[str, ...] = ("tiny", "1.5b", "3b", "7b", "14b", "32b")
 # 1000 steps, a checkpoint every 100 steps (50 for the large ones), micro 1 x GA 8 for 14b/32b.
 # `tiny` trains a randomly initialised demo model from scratch, hence its high learning rate.
 _SMALL = dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
-              max_seq_length=4096, logging_steps=10)
+              max_seq_length=4096, logging_steps=10, consolidate="final")
+# 14b/32b consolidate every checkpoint, as the original pipeline did.
 _LARGE = dict(_SMALL, learning_rate=4e-6, save_every_n_steps=50, batch_size=1,
-              gradient_accumulation_steps=8)
+              gradient_accumulation_steps=8, consolidate="every")
 SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(learning_rate=2e-3, max_steps=200, save_every_n_steps=100, eval_steps=25,
                  max_seq_length=512, batch_size=4, gradient_accumulation_steps=1,
-                 logging_steps=10),
+                 logging_steps=10, consolidate="final"),
     "1.5b": dict(_SMALL, batch_size=2, gradient_accumulation_steps=4),
     "3b": dict(_SMALL, batch_size=2, gradient_accumulation_steps=4),
     "7b": dict(_SMALL, batch_size=1, gradient_accumulation_steps=8),
@@ -74,6 +75,8 @@ class RunConfig(BaseModel):
     batch_size: int = Field(gt=0, description="micro batch per GPU (sequences)")
     gradient_accumulation_steps: int = Field(gt=0, description="micro batches per optimizer step")
     bf16: bool | None = Field(None, description="bf16 on/off; None keeps the ds_config's value")
+    consolidate: Literal["every", "final", "none"] = Field(
+        description="write checkpoint-N/consolidated/ after every save, the last one, or never")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     packing: bool = Field(False, description="pack examples into max_seq_length sequences")
     wandb: bool = Field(False, description="log to Weights & Biases (offline without network)")

@@ -1,24 +1,64 @@
-"""Sharded ZeRO-3 engine -> a consolidated Hugging Face directory for the RL stage.
+"""ZeRO-3 checkpoint -> consolidated Hugging Face directory, streamed in bounded memory.
 
-This is the in-loop path: the 16-bit (training dtype) weights are gathered with DeepSpeed's
-`_zero3_consolidated_16bit_state_dict` (a collective, so every rank calls it), rank 0 writes them
-with `save_pretrained` into a temporary sibling directory, adds the tokenizer, generation config
-and a manifest with a sha256 per file, and renames it into place, so a reader never sees a
-half-written directory. Rank 0 holds the whole model in RAM while writing; a streaming offline
-converter is separate work.
+    python -m trainer.consolidate CHECKPOINTS_ROOT_OR_TAG_DIR [--tag checkpoint-N] [--out DIR]
+        [--dtype bf16|fp16|fp32] [--max_shard_size 5GB] [--verify]
+
+Offline, on one machine, no GPU and no process group: it reads the ZeRO shard files alone.
+Parameters are gathered one at a time (trainer.zero_reader) and each is written straight into
+its safetensors file, whose header is written first from the known shapes, so peak memory is
+about the largest single parameter whatever the model or shard size. The directory is built in a
+temporary sibling and renamed into place: readers never see a partial directory, and a failure
+leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
+import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from trainer import dist, versions
+import torch
+
+from trainer import versions
+from trainer.zero_reader import CheckpointError, ZeroCheckpoint
+
+HF_SUBDIR = "hf"  # config, generation config and tokenizer, saved by the trainer in each tag
+PROBE_FILE = "verify_probe.pt"  # live-engine logits on a fixed batch, saved with each checkpoint
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+class ConsolidateError(ValueError):
+    """Bad input for consolidation; a one-line message naming the file."""
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text.upper())
+    if not m:
+        raise ConsolidateError(f"--max_shard_size {text!r}: expected e.g. 5GB or 500MB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
+
+
+def resolve_tag_dir(path: Path, tag: str | None) -> Path:
+    """A tag dir as given, or ROOT/--tag, or ROOT/<latest>."""
+    path = Path(path)
+    if tag is not None:
+        path = path / tag
+    elif (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+        raise ConsolidateError(f"{path}: no ZeRO checkpoint here (expected "
+                               f"zero_pp_rank_0_mp_rank_00_model_states.pt)")
+    return path
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -29,37 +69,232 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def export_consolidated(engine: Any, tokenizer: Any, out_dir: Path, step: int,
-                        num_params: int) -> Path:
-    """Write out_dir atomically from the live engine; all ranks must call this."""
-    state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective; full dict on rank 0
-    if dist.is_main():
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+def output_names(ckpt: ZeroCheckpoint, tied: bool) -> list[tuple[str, str | None]]:
+    """(output name, source parameter) pairs in checkpoint order, plus buffers (source None).
+
+    A tied config stores only the embedding (from_pretrained re-ties lm_head); an untied one
+    gets every parameter, including one that the checkpoint shares with another.
+    """
+    names = [(n, n) for n in ckpt.param_shapes]
+    for alias, source in ckpt.shared_params.items():
+        if alias not in ckpt.param_shapes and not (tied and alias == "lm_head.weight"):
+            names.append((alias, source))
+    if tied:
+        names = [(n, s) for n, s in names if n != "lm_head.weight"]
+    return names + [(n, None) for n in ckpt.buffers]
+
+
+def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
+                max_shard_size: int = 5 * 10**9, hf_dir: Path | None = None,
+                verify: bool = False) -> dict[str, Any]:
+    """Write the consolidated directory for one checkpoint tag; returns the manifest."""
+    out_dir, tag_dir = Path(out_dir), Path(tag_dir)
+    if out_dir.exists():
+        raise ConsolidateError(f"{out_dir}: already exists; remove it or choose another --out")
+    hf_dir = Path(hf_dir) if hf_dir else tag_dir / HF_SUBDIR
+    if not (hf_dir / "config.json").is_file():
+        raise ConsolidateError(f"{hf_dir}: no config.json; pass --hf_dir with the model's "
+                               f"config and tokenizer")
+    try:
+        ckpt = ZeroCheckpoint(tag_dir)
+    except CheckpointError as e:
+        raise ConsolidateError(str(e)) from None
+    dtype = dtype or ckpt.train_dtype
+    config = json.loads((hf_dir / "config.json").read_text())
+    tied = bool(config.get("tie_word_embeddings", False))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    t0 = time.perf_counter()
+    try:
+        tmp.mkdir(parents=True)
+        entries = output_names(ckpt, tied)
+        weight_files = _write_weights(ckpt, entries, dtype, max_shard_size, tmp)
+        for f in sorted(hf_dir.iterdir()):
+            if f.is_file() and f.name not in ("config.json", PROBE_FILE):
+                shutil.copy2(f, tmp / f.name)
+        config.pop("torch_dtype", None)
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        num_params = sum(ckpt.param_shapes[s].numel() for n, s in entries
+                         if s is not None and n == s)
+        manifest = dict(source_tag=tag_dir.name, source_step=ckpt.step,
+                        dtype=str(dtype).removeprefix("torch."), num_parameters=num_params,
+                        tied_embeddings=tied, weight_files=weight_files,
+                        files={p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                               for p in sorted(tmp.iterdir())},
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        seconds=round(time.perf_counter() - t0, 2), versions=versions())
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if verify:
+            verify_dir(tmp, ckpt, entries, dtype, tag_dir / HF_SUBDIR / PROBE_FILE)
+        os.replace(tmp, out_dir)  # atomic publication: the whole directory or nothing
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        module = engine.module
-        # Before save_pretrained, which empties the dict as it writes shards (transformers 5.x).
-        dtype = next(iter(state_dict.values())).dtype
-        # save_pretrained with an explicit state_dict writes exactly these tensors; for a tied
-        # config it drops lm_head.weight, which from_pretrained re-ties from embed_tokens.
-        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if module.generation_config is not None:
-            module.generation_config.save_pretrained(tmp)
-        write_manifest(tmp, step=step, dtype=str(dtype).removeprefix("torch."),
-                       num_params=num_params)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    dist.barrier()
-    return Path(out_dir)
+        ckpt.close()
+    return manifest
 
 
-def write_manifest(directory: Path, step: int, dtype: str, num_params: int) -> None:
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(Path(directory).iterdir()) if p.is_file()}
-    manifest = {"source_step": step, "source_tag": f"checkpoint-{step}", "dtype": dtype,
-                "num_parameters": num_params, "files": files,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "versions": versions()}
-    (Path(directory) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+def _write_weights(ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],
+                   dtype: torch.dtype, max_shard_size: int, out: Path) -> list[str]:
+    """Stream tensors into safetensors files of at most max_shard_size bytes each."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def nbytes(entry: tuple[str, str | None]) -> int:
+        name, source = entry
+        shape = ckpt.buffers[name].shape if source is None else ckpt.param_shapes[source]
+        return shape.numel() * itemsize
+
+    shards: list[list[tuple[str, str | None]]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + nbytes(entry) > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes(entry)
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        _write_safetensors(out / name, shard, ckpt, dtype)
+        weight_map.update({n: name for n, _ in shard})
+    if len(shards) > 1:
+        total = sum(nbytes(e) for e in entries)
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return names
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, str | None]], ckpt: ZeroCheckpoint,
+                       dtype: torch.dtype) -> None:
+    """safetensors = 8-byte header length, JSON header, raw data; the header needs only shapes,
+    so it is written first and each tensor is appended as soon as it is gathered."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, source in entries:
+        shape = list(ckpt.buffers[name].shape if source is None else ckpt.param_shapes[source])
+        end = offset + int(torch.Size(shape).numel()) * itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, source in entries:
+            t = ckpt.buffers[name] if source is None else ckpt.gather(source)
+            t = t.to(dtype).contiguous()
+            f.write(memoryview(t.view(torch.uint8).numpy()))
+            del t
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_dir(out: Path, ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],
+               dtype: torch.dtype, probe_file: Path) -> None:
+    """Reload with from_pretrained; every tensor must equal the shards' value in `dtype`, and the
+    logits on the probe batch must match what the live engine computed when it saved."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    state = model.state_dict()
+    for name, source in entries:
+        want = ckpt.buffers[name] if source is None else ckpt.gather(source)
+        if not torch.equal(state[name], want.to(dtype)):
+            raise ConsolidateError(f"{out}: {name} differs from the checkpoint after reload")
+    if not probe_file.is_file():
+        return
+    probe = torch.load(probe_file, weights_only=True)
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits.float()
+    lse, head = torch.logsumexp(logits, dim=-1), logits[..., : probe["head"].shape[-1]]
+    # Same weights, maybe other kernels: exact in fp32, bounded by the coarser precision else.
+    coarse = dtype != torch.float32 or probe["dtype"] != "float32"
+    tol = 5e-2 if coarse else 1e-4
+    for got, ref, what in ((lse, probe["lse"], "log-normaliser"), (head, probe["head"], "logits")):
+        err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+        if not err <= tol:
+            raise ConsolidateError(f"{out}: {what} on the probe batch differ from the live "
+                                   f"engine's by {err:.2e} (relative; tolerance {tol:.0e})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qsft-consolidate", description=__doc__.split("\n")[0])
+    p.add_argument("path", type=Path, help="checkpoints root (uses `latest`) or a tag directory")
+    p.add_argument("--tag", help="tag under the root, e.g. checkpoint-100")
+    p.add_argument("--out", type=Path, help="output dir (default TAG_DIR/consolidated)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the training dtype")
+    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors file")
+    p.add_argument("--hf_dir", type=Path, help="config + tokenizer dir (default TAG_DIR/hf)")
+    p.add_argument("--verify", action="store_true", help="reload and check every tensor")
+    args = p.parse_args(argv)
+    try:
+        tag_dir = resolve_tag_dir(args.path, args.tag)
+        out = args.out or tag_dir / "consolidated"
+        manifest = consolidate(tag_dir, out, DTYPES.get(args.dtype),
+                               parse_size(args.max_shard_size), args.hf_dir, args.verify)
+    except ConsolidateError as e:
+        print(f"consolidate: error: {e}", file=sys.stderr)
+        return 2
+    print(f"consolidated {tag_dir} -> {out} ({manifest['dtype']}, "
+          f"{manifest['num_parameters'] / 1e6:.1f}M parameters, "
+          f"{len(manifest['weight_files'])} weight file(s), {manifest['seconds']:.1f}s"
+          f"{', verified' if args.verify else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+class BackgroundConsolidator:
+    """Consolidates saved checkpoints in a child process on rank 0 while training goes on.
+
+    The converter reads the shard files just written, so it needs no GPU memory and no
+    collective: the other ranks never wait for it. One runs at a time; the next start and the
+    end of training wait for the previous one.
+    """
+
+    def __init__(self, log_dir: Path, say: Any):
+        self.log_dir, self.say = Path(log_dir), say
+        self.proc: Any = None
+        self.tag_dir: Path | None = None
+        self.t0 = 0.0
+
+    def start(self, tag_dir: Path) -> None:
+        import subprocess
+
+        self.wait()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        repo = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with open(self.log_dir / f"consolidate-{Path(tag_dir).name}.log", "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "trainer.consolidate",
+                                          str(tag_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                         env=env)
+        self.tag_dir, self.t0 = Path(tag_dir), time.perf_counter()
+
+    def wait(self) -> Path | None:
+        """Wait for the running consolidation; its output dir, or None if none ran or it failed."""
+        if self.proc is None:
+            return None
+        rc, tag_dir = self.proc.wait(), self.tag_dir
+        self.proc = None
+        seconds = time.perf_counter() - self.t0
+        if rc != 0:
+            self.say(f"consolidation of {tag_dir} failed (exit {rc}); see "
+                     f"{self.log_dir / f'consolidate-{tag_dir.name}.log'}")
+            return None
+        self.say(f"consolidated {tag_dir / 'consolidated'} in {seconds:.1f}s (background)")
+        return tag_dir / "consolidated"
+
+
+class NullConsolidator:
+    """What ranks other than 0 hold: consolidation is rank 0's file work."""
+
+    def start(self, tag_dir: Path) -> None: ...
+
+    def wait(self) -> Path | None:
+        return None

@@ -13,7 +13,7 @@ import torch
 
 from trainer import checkpoint, dist, versions
 from trainer.config import RunConfig, resolve_ds_config
-from trainer.consolidate import export_consolidated
+from trainer.consolidate import BackgroundConsolidator, NullConsolidator
 from trainer.data import Sampler, TokenizedSet, eval_batches, load_records, tokenize_records
 from trainer.metrics import MetricsSink, NullSink
 from trainer.model import build_model, count_parameters, load_tokenizer
@@ -75,6 +75,8 @@ class Run:
     num_params: int
     world: int
     wall0: float
+    probe_ids: torch.Tensor | None = None  # fixed batch whose logits each checkpoint records
+    consolidator: Any = None
     hf_ds_config: Any = None  # keeps transformers' ZeRO-3 hook alive for the run
     tokens_per_s: list[float] = field(default_factory=list)
 
@@ -119,7 +121,7 @@ def setup(cfg: RunConfig) -> Run:
     state = checkpoint.TrainerState()
     if resume_from is not None:
         checkpoint.load(engine, *resume_from, state)
-    sink = NullSink()
+    sink, consolidator = NullSink(), NullConsolidator()
     if dist.is_main():
         sink = MetricsSink(cfg.output_dir, cfg.max_steps, state.step,
                            wandb_cfg=_wandb_cfg(cfg, ds_config_file, state) if cfg.wandb else None)
@@ -130,8 +132,11 @@ def setup(cfg: RunConfig) -> Run:
                      f"{sampler.steps_per_epoch} steps/epoch")
         if resume_from is not None:
             sink.message(f"resumed from {resume_from[0] / resume_from[1]} at step {state.step}")
+        consolidator = BackgroundConsolidator(Path(cfg.output_dir) / "logs", sink.message)
+    probe_set = eval_set or train_set
+    probe_ids = torch.tensor([probe_set.input_ids[0][:64]])
     return Run(cfg, engine, scheduler, tokenizer, train_set, eval_set, sampler, state, sink,
-               num_params, world, wall0, hf_ds_config)
+               num_params, world, wall0, probe_ids, consolidator, hf_ds_config)
 
 
 def forward_backward(engine: Any, micro_batch: dict[str, torch.Tensor], num_items: float
@@ -194,8 +199,12 @@ def fit(run: Run) -> None:
                                          or state.step == cfg.max_steps):
             run_eval(run)
         if state.step % cfg.save_every_n_steps == 0 or state.step == cfg.max_steps:
-            path, seconds, size = checkpoint.save(engine, cfg.output_dir, state)
+            path, seconds, size = checkpoint.save(engine, cfg.output_dir, state, run.tokenizer,
+                                                  run.probe_ids)
             sink.message(f"saved {path} in {seconds:.1f}s ({size / 2**20:.1f} MiB)")
+            if cfg.consolidate == "every" or (cfg.consolidate == "final"
+                                              and state.step == cfg.max_steps):
+                run.consolidator.start(path)  # rank 0, in the background
 
 
 def run_eval(run: Run) -> None:
@@ -206,13 +215,12 @@ def run_eval(run: Run) -> None:
 
 
 def finish(run: Run) -> dict[str, Any]:
-    """Consolidate the final checkpoint for the RL stage, print the summary, close the sinks."""
+    """Wait for the final consolidation, print the summary, close the sinks."""
     state = run.state
-    final = checkpoint.checkpoint_root(run.cfg.output_dir) / checkpoint.tag_for(state.step)
-    consolidated = export_consolidated(run.engine, run.tokenizer, final / "consolidated",
-                                       state.step, run.num_params)
+    consolidated = run.consolidator.wait()  # rank 0 only; the other ranks are free to exit
     tps = run.tokens_per_s
-    summary = dict(output_dir=str(run.cfg.output_dir), consolidated=str(consolidated),
+    summary = dict(output_dir=str(run.cfg.output_dir),
+                   consolidated=str(consolidated) if consolidated else None,
                    steps=state.step, wall_s=time.perf_counter() - run.wall0,
                    tokens_per_s=sum(tps) / len(tps) if tps else float("nan"),
                    eval=state.eval_history)
@@ -269,7 +277,9 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{last['eval_loss']:.4f} (step {last['step']}); best "
                      f"{best['eval_loss']:.4f} at step {best['step']}")
     c = s["consolidated"]
-    lines += [f"consolidated checkpoint: {c}",
-              "load it: from transformers import AutoModelForCausalLM, AutoTokenizer; "
-              f"AutoModelForCausalLM.from_pretrained('{c}'); AutoTokenizer.from_pretrained('{c}')"]
+    if c:
+        lines += [f"consolidated checkpoint: {c}",
+                  "load it: from transformers import AutoModelForCausalLM, AutoTokenizer; "
+                  f"AutoModelForCausalLM.from_pretrained('{c}'); "
+                  f"AutoTokenizer.from_pretrained('{c}')"]
     return "\n".join(lines)
