@@ -1,6 +1,6 @@
 """Benchmark: consolidating a ZeRO-3 checkpoint, ours vs DeepSpeed's zero_to_fp32.py.
 
-    .venv/bin/python bench/consolidate.py [--workdir DIR] [--hidden 1024 --layers 24]
+    .venv/bin/python bench/consolidate.py [--workdir DIR] [--hidden 1024 --layers 24] [--reuse]
 
 1. Trains a randomly initialised Qwen2-architecture model (426M parameters by default, tied
    embeddings, Qwen2.5's 151,936-token vocabulary) for 2 steps with 2 CPU ranks through the real
@@ -70,12 +70,19 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the checkpoint a previous run built in --workdir")
     args = p.parse_args()
     work = args.workdir
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    root = work / "run" / "checkpoints"
     env = run_env(work)
-    root = build_checkpoint(work, args, env)
+    if args.reuse and (root / "checkpoint-2").is_dir():
+        for old in ("ours_bf16", "ours_fp32", "ds_safe", "ds_bin"):
+            shutil.rmtree(work / old, ignore_errors=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        root = build_checkpoint(work, args, env)
     tag = root / "checkpoint-2"
     ckpt_bytes = sum(f.stat().st_size for f in tag.glob("*.pt"))
     for f in tag.glob("*.pt"):  # warm the page cache so that no method pays the first read

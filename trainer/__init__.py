@@ -4,10 +4,13 @@ __version__ = "0.1.0"
 
 
 def versions() -> dict[str, str]:
-    """Library versions recorded in config.yaml and consolidated manifests."""
-    import deepspeed
-    import torch
-    import transformers
+    """Library versions recorded in config.yaml and consolidated manifests (no imports)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"qsft": __version__, "torch": str(torch.__version__),
-            "deepspeed": str(deepspeed.__version__), "transformers": str(transformers.__version__)}
+    out = {"qsft": __version__}
+    for pkg in ("torch", "deepspeed", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

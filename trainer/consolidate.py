@@ -107,7 +107,8 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
     try:
         tmp.mkdir(parents=True)
         entries = output_names(ckpt, tied)
-        weight_files = _write_weights(ckpt, entries, dtype, max_shard_size, tmp)
+        hashes: dict[str, str] = {}
+        weight_files = _write_weights(ckpt, entries, dtype, max_shard_size, tmp, hashes)
         for f in sorted(hf_dir.iterdir()):
             if f.is_file() and f.name not in ("config.json", PROBE_FILE):
                 shutil.copy2(f, tmp / f.name)
@@ -119,7 +120,8 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
         manifest = dict(source_tag=tag_dir.name, source_step=ckpt.step,
                         dtype=str(dtype).removeprefix("torch."), num_parameters=num_params,
                         tied_embeddings=tied, weight_files=weight_files,
-                        files={p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                        files={p.name: {"sha256": hashes.get(p.name) or sha256_file(p),
+                                        "bytes": p.stat().st_size}
                                for p in sorted(tmp.iterdir())},
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         seconds=round(time.perf_counter() - t0, 2), versions=versions())
@@ -134,8 +136,10 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
 
 
 def _write_weights(ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],
-                   dtype: torch.dtype, max_shard_size: int, out: Path) -> list[str]:
-    """Stream tensors into safetensors files of at most max_shard_size bytes each."""
+                   dtype: torch.dtype, max_shard_size: int, out: Path,
+                   hashes: dict[str, str]) -> list[str]:
+    """Stream tensors into safetensors files of at most max_shard_size bytes each; the sha256
+    of each file goes into `hashes`."""
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     def nbytes(entry: tuple[str, str | None]) -> int:
@@ -157,7 +161,7 @@ def _write_weights(ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
-        _write_safetensors(out / name, shard, ckpt, dtype)
+        hashes[name] = _write_safetensors(out / name, shard, ckpt, dtype)
         weight_map.update({n: name for n, _ in shard})
     if len(shards) > 1:
         total = sum(nbytes(e) for e in entries)
@@ -167,9 +171,13 @@ def _write_weights(ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],
 
 
 def _write_safetensors(path: Path, entries: list[tuple[str, str | None]], ckpt: ZeroCheckpoint,
-                       dtype: torch.dtype) -> None:
-    """safetensors = 8-byte header length, JSON header, raw data; the header needs only shapes,
-    so it is written first and each tensor is appended as soon as it is gathered."""
+                       dtype: torch.dtype) -> str:
+    """Write one safetensors file; returns its sha256, hashed as the bytes go out.
+
+    safetensors = 8-byte header length, JSON header, raw data. The header needs only the
+    shapes, so it goes first, and each parameter follows in chunks straight from the shards:
+    no tensor is ever whole in memory.
+    """
     itemsize = torch.empty((), dtype=dtype).element_size()
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -180,16 +188,21 @@ def _write_safetensors(path: Path, entries: list[tuple[str, str | None]], ckpt: 
         offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        def put(data: bytes | memoryview) -> None:
+            f.write(data)
+            digest.update(data)
+
+        put(struct.pack("<Q", len(blob)))
+        put(blob)
         for name, source in entries:
-            t = ckpt.buffers[name] if source is None else ckpt.gather(source)
-            t = t.to(dtype).contiguous()
-            f.write(memoryview(t.view(torch.uint8).numpy()))
-            del t
+            chunks = [ckpt.buffers[name].flatten()] if source is None else ckpt.iter_chunks(source)
+            for chunk in chunks:
+                put(memoryview(chunk.to(dtype).view(torch.uint8).numpy()))
         f.flush()
-        os.fsync(f.fileno())
+        os.fsync(f.fileno())  # durable before the directory is renamed into place
+    return digest.hexdigest()
 
 
 def verify_dir(out: Path, ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],

@@ -131,8 +131,32 @@ class TorchZipFile:
         self._file.close()
 
 
+class _Opaque:
+    """Stands in for any non-torch object in a checkpoint pickle; keeps its state, does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Opaque:  # for reduce-style constructors
+        return _Opaque(*args)
+
+
+def _plain(value: Any) -> Any:
+    """The value of an enum member that was unpickled as an _Opaque (e.g. ZeroStageEnum)."""
+    if isinstance(value, _Opaque) and len(value.args) == 1:
+        return value.args[0]
+    return value
+
+
 class _LazyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] not in ("torch", "collections", "builtins", "numpy", "_codecs"):
+            # DeepSpeed's loss scaler and config objects: not needed for the weights, and
+            # importing deepspeed to rebuild them costs seconds.
+            return _Opaque
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_lazy
         if module == "torch._utils" and name == "_rebuild_parameter":
@@ -195,7 +219,7 @@ class ZeroCheckpoint:
         self.flat_groups: list[list[LazyTensor]] = []
         for shard in self.shards:
             osd = shard.obj.get("optimizer_state_dict", {}) if isinstance(shard.obj, dict) else {}
-            if osd.get("zero_stage") != 3 or "fp32_flat_groups" not in osd:
+            if _plain(osd.get("zero_stage")) != 3 or "fp32_flat_groups" not in osd:
                 raise CheckpointError(f"{shard.path}: not a ZeRO-3 optimizer shard")
             if osd.get("partition_count") != self.world_size:
                 raise CheckpointError(f"{shard.path}: written by {osd.get('partition_count')} "
@@ -248,6 +272,25 @@ class ZeroCheckpoint:
                     full[pos:pos + hi - lo] = shard.read(flat, lo - base, hi - base)
                     pos += hi - lo
         return full[: shape.numel()].view(shape)
+
+    def iter_chunks(self, name: str, max_elems: int = 1 << 24) -> Any:
+        """Yield the fp32 values of one parameter in order, at most max_elems at a time.
+
+        The flattened parameter is rank 0's partition, then rank 1's, ... cut at numel (the
+        last rank's padding dropped), so it can be written out without ever being whole.
+        """
+        offset, part = self.offsets[name]
+        remaining = self.param_shapes[name].numel()
+        for shard, groups in zip(self.shards, self.flat_groups, strict=True):
+            for g, flat in enumerate(groups):
+                lo = max(offset, self.group_starts[g])
+                hi = min(offset + part, self.group_starts[g + 1])
+                base = self.group_starts[g]
+                while lo < hi and remaining > 0:
+                    n = min(hi - lo, max_elems, remaining)
+                    yield shard.read(flat, lo - base, lo - base + n)
+                    lo += n
+                    remaining -= n
 
     def close(self) -> None:
         for shard in self.shards:
