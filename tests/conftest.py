@@ -36,17 +36,25 @@ def run_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def launch(script: str, args: list[str], nproc: int, tmp: Path, timeout: int = 300
-           ) -> subprocess.CompletedProcess:
-    """Run `deepspeed --num_gpus nproc script args` in its own session; kill it all on timeout.
+def start(script: str, args: list[str], nproc: int, tmp: Path,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `deepspeed --num_gpus nproc script args` in its own session (a process group).
 
-    A new session lets us kill the launcher *and* its ranks: killing only the launcher would
-    orphan the ranks (they train on).
+    A new session lets us signal or kill the launcher *and* its ranks: killing only the
+    launcher would orphan the ranks (they train on).
     """
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
            str(free_port()), script, *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env={**run_env(tmp), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def launch(script: str, args: list[str], nproc: int, tmp: Path, timeout: int = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher job to the end; kill it all and fail the test on timeout."""
+    proc = start(script, args, nproc, tmp, env)
+    cmd = proc.args
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

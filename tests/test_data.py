@@ -138,21 +138,34 @@ def test_overlong_dropped_or_truncated(tok):
         tokenize_records(recs[1:], tok, max_seq_length=64)
 
 
+def _mine(sampler, start):
+    """The source ids this rank's micro-batches hold, in order."""
+    b = sampler.step(start)
+    per_micro = sampler.micro
+    out = []
+    for j in range(sampler.accum):
+        base = j * per_micro * sampler.world + sampler.rank * per_micro
+        out += b.sample_ids[base:base + per_micro]
+    return out
+
+
 def test_sampler_is_deterministic_and_partitions_the_global_batch(tok):
     data = tokenize_records(load_records(ASSETS_DIR / "q_sft_train.jsonl"), tok, 512)
     one = Sampler(data, micro=2, accum=4, world=1, rank=0, seed=7, pad_id=0)
     two = [Sampler(data, micro=2, accum=2, world=2, rank=r, seed=7, pad_id=0) for r in (0, 1)]
-    for step in (0, 3, one.steps_per_epoch + 1):  # includes the next epoch
-        a = one.step(step)
-        b0, b1 = two[0].step(step), two[1].step(step)
-        assert sorted(a.sample_ids) == sorted(b0.sample_ids + b1.sample_ids)
-        assert not set(b0.sample_ids) & set(b1.sample_ids)
+    for start in (0, 24, 160, 320):  # crosses into the next epoch (162 examples)
+        a = one.step(start)
+        b0, b1 = two[0].step(start), two[1].step(start)
+        assert a.sample_ids == b0.sample_ids == b1.sample_ids  # the same global batch
+        assert sorted(_mine(two[0], start) + _mine(two[1], start)) == sorted(a.sample_ids)
+        assert not set(_mine(two[0], start)) & set(_mine(two[1], start))
         assert a.num_label_tokens == b0.num_label_tokens == b1.num_label_tokens
-        assert a.sample_ids == Sampler(data, 2, 4, 1, 0, 7, 0).step(step).sample_ids
+        assert a.sample_ids == Sampler(data, 2, 4, 1, 0, 7, 0).step(start).sample_ids
     assert one.step(0).sample_ids != Sampler(data, 2, 4, 1, 0, 8, 0).step(0).sample_ids
-    # A whole epoch visits each example at most once.
-    seen = [i for s in range(one.steps_per_epoch) for i in one.step(s).sample_ids]
-    assert len(seen) == len(set(seen)) == one.steps_per_epoch * 8
+    # Each epoch visits every example exactly once, across batch boundaries.
+    stream = [i for s in range(0, 2 * len(data), 8) for i in one.step(s).sample_ids]
+    assert sorted(stream[: len(data)]) == sorted(stream[len(data): 2 * len(data)]) == sorted(
+        data.ids)
 
 
 def test_collate_pads_and_masks():

@@ -83,6 +83,8 @@ class RunConfig(BaseModel):
     seed: int = Field(42, ge=0, description="seeds init, data order and dropout")
     resume: str = Field("auto", min_length=1, description="auto | none | path to a checkpoint tag")
     overwrite: bool = Field(False, description="with --resume none: replace an existing run")
+    keep_last: int = Field(0, ge=0, description="keep only the newest K checkpoints (0: all)")
+    keep_best: bool = Field(False, description="with --keep_last: also keep the best-eval one")
     ds_config: Path | None = Field(None, description="override ds_configs/zero3_<size>.json")
     dist_timeout_s: int = Field(1800, gt=0, description="collective timeout before a rank fails")
 
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="DeepSpeed ZeRO-3 SFT of Qwen2.5-family models on Q data.")
     for name, field in RunConfig.model_fields.items():
         flag = f"--{name}"
-        if name in ("bf16", "packing", "gradient_checkpointing", "wandb", "overwrite"):
+        if name in ("bf16", "packing", "gradient_checkpointing", "wandb", "overwrite",
+                    "keep_best"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=field.description)
         elif name == "save_every_n_steps":
             p.add_argument(flag, "--save_steps", dest=name, help=field.description)

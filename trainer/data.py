@@ -241,15 +241,18 @@ class StepBatches:
 
     micro_batches: list[dict[str, torch.Tensor]]
     num_label_tokens: int
-    sample_ids: list[int]
+    sample_ids: list[int]  # source-file indices of the whole global batch, all ranks
 
 
 class Sampler:
     """Deterministic global-batch sampler sharded over data-parallel ranks.
 
-    Epoch e is a permutation of the examples drawn from (seed, e). Optimizer step s takes the
-    next micro × accum × world examples; micro-batch j of rank r takes a contiguous slice of it,
-    so the same global batch is seen whatever the split between ranks and accumulation.
+    The data stream is the concatenation of per-epoch permutations, epoch e drawn from
+    (seed, e). An optimizer step takes the next micro x accum x world examples of the stream,
+    starting at the number of samples consumed so far; micro-batch j of rank r takes a contiguous
+    slice of that global batch. So the same examples are seen whatever the split between ranks
+    and accumulation, and a resumed run (even on another number of ranks) continues the stream
+    exactly where it stopped: no example is skipped or repeated.
     """
 
     def __init__(self, data: TokenizedSet, micro: int, accum: int, world: int, rank: int,
@@ -257,28 +260,44 @@ class Sampler:
         self.data, self.micro, self.accum, self.world, self.rank = data, micro, accum, world, rank
         self.seed, self.pad_id = seed, pad_id
         self.global_batch = micro * accum * world
+        self._cached: tuple[int, np.ndarray] | None = None
         if len(data) < self.global_batch:
             raise DataError(f"{len(data)} training examples are fewer than one global batch "
                             f"(batch_size {micro} x grad_accum {accum} x world {world}); "
                             f"lower the batch flags")
-        self.steps_per_epoch = len(data) // self.global_batch  # the ragged tail is skipped
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return len(self.data) / self.global_batch
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+        if self._cached is None or self._cached[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+            self._cached = (epoch, perm)
+        return self._cached[1]
 
-    def step(self, step: int) -> StepBatches:
-        """The batches of optimizer step `step` (0-based, counted from the start of training)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        chosen = self.order(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
-        n_tokens = sum(self.data.label_tokens(int(i)) for i in chosen)
-        mine, micro_batches = [], []
+    def global_indices(self, start: int) -> list[int]:
+        """Indices (into the tokenized set) at stream positions [start, start + global_batch)."""
+        n, out, pos = len(self.data), [], start
+        while len(out) < self.global_batch:
+            epoch, k = divmod(pos, n)
+            take = min(self.global_batch - len(out), n - k)
+            out += [int(i) for i in self.order(epoch)[k:k + take]]
+            pos += take
+        return out
+
+    def step(self, start: int) -> StepBatches:
+        """The batches of the optimizer step that begins at stream position `start`
+        (the samples consumed before it, over all ranks)."""
+        chosen = self.global_indices(start)
+        n_tokens = sum(self.data.label_tokens(i) for i in chosen)
+        micro_batches = []
         for j in range(self.accum):
             base = j * self.micro * self.world + self.rank * self.micro
-            idx = [int(i) for i in chosen[base:base + self.micro]]
-            mine += idx
+            idx = chosen[base:base + self.micro]
             micro_batches.append(collate([self.data.input_ids[i] for i in idx],
                                          [self.data.labels[i] for i in idx], self.pad_id))
-        return StepBatches(micro_batches, n_tokens, [self.data.ids[i] for i in mine])
+        return StepBatches(micro_batches, n_tokens, [self.data.ids[i] for i in chosen])
 
 
 def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -79,6 +80,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any rank: stop decisions are taken together."""
     return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's obj, in rank order, on every rank (small picklable objects only)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def _comm_device() -> torch.device:

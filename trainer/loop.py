@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ class Run:
     consolidator: Any = None
     hf_ds_config: Any = None  # keeps transformers' ZeRO-3 hook alive for the run
     tokens_per_s: list[float] = field(default_factory=list)
+    stopped: bool = False  # stopped early on request (signal or STOP file)
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -98,7 +100,10 @@ def setup(cfg: RunConfig) -> Run:
     ds_config = resolve_ds_config(cfg, world)
     tokenizer = load_tokenizer(cfg.model_dir)
     train_set, eval_set = prepare_data(cfg, tokenizer)
-    resume_from = checkpoint.find_resume_tag(cfg)
+    resume_from = checkpoint.find_resume_point(cfg)
+    if resume_from is not None and resume_from.world_size != world:
+        # Another number of ranks: DeepSpeed loads the universal copy of the checkpoint.
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     ds_config_file = json.loads(json.dumps(ds_config))  # DeepSpeed mutates the dict it is given
 
     dist.init(cfg.dist_timeout_s)
@@ -120,7 +125,7 @@ def setup(cfg: RunConfig) -> Run:
 
     state = checkpoint.TrainerState()
     if resume_from is not None:
-        checkpoint.load(engine, *resume_from, state)
+        checkpoint.load(engine, resume_from, state)
     sink, consolidator = NullSink(), NullConsolidator()
     if dist.is_main():
         sink = MetricsSink(cfg.output_dir, cfg.max_steps, state.step,
@@ -131,7 +136,14 @@ def setup(cfg: RunConfig) -> Run:
                      f"{world}, global batch {sampler.global_batch}, {train_set.stats}, "
                      f"{sampler.steps_per_epoch} steps/epoch")
         if resume_from is not None:
-            sink.message(f"resumed from {resume_from[0] / resume_from[1]} at step {state.step}")
+            for tag in resume_from.skipped:
+                sink.message(f"ignoring {tag}: incomplete (a save was interrupted)")
+            how = ("" if resume_from.world_size == world else
+                   f", converted to a universal checkpoint: saved by {resume_from.world_size} "
+                   f"ranks, now {world}")
+            sink.message(f"resumed from {resume_from.tag_dir} at step {state.step}{how}")
+            sink.log_event(dict(event="resume", step=state.step, tag=resume_from.tag_dir.name,
+                                world_size=world))
         consolidator = BackgroundConsolidator(Path(cfg.output_dir) / "logs", sink.message)
     probe_set = eval_set or train_set
     probe_ids = torch.tensor([probe_set.input_ids[0][:64]])
@@ -159,11 +171,12 @@ def fit(run: Run) -> None:
     """The training loop: micro-batches -> forward/backward/step, then log, eval, save."""
     cfg, engine, state, sink = run.cfg, run.engine, run.state, run.sink
     accum = cfg.gradient_accumulation_steps
+    stop = StopRequest(Path(cfg.output_dir) / "STOP")
     if run.eval_set is not None and state.step == 0 and not state.eval_history:
         run_eval(run)  # the step-0 baseline that later evals are compared with
     window = dict(loss_sum=0.0, label_tokens=0, tokens=0, t0=time.perf_counter())
     while state.step < cfg.max_steps:
-        batches = run.sampler.step(state.step)
+        batches = run.sampler.step(state.consumed_samples)
         num_items = batches.num_label_tokens / (run.world * accum)
         lr = run.scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -174,6 +187,7 @@ def fit(run: Run) -> None:
             state.micro_step += 1
         state.step += 1
         state.consumed_samples += run.sampler.global_batch
+        sink.log_samples(state.step, batches.sample_ids)
         window["loss_sum"] += loss_sum  # stays on the device: no host sync per step
         window["label_tokens"] += batches.num_label_tokens
 
@@ -198,13 +212,70 @@ def fit(run: Run) -> None:
         if run.eval_set is not None and (state.step % cfg.eval_steps == 0
                                          or state.step == cfg.max_steps):
             run_eval(run)
-        if state.step % cfg.save_every_n_steps == 0 or state.step == cfg.max_steps:
-            path, seconds, size = checkpoint.save(engine, cfg.output_dir, state, run.tokenizer,
-                                                  run.probe_ids)
-            sink.message(f"saved {path} in {seconds:.1f}s ({size / 2**20:.1f} MiB)")
-            if cfg.consolidate == "every" or (cfg.consolidate == "final"
-                                              and state.step == cfg.max_steps):
-                run.consolidator.start(path)  # rank 0, in the background
+        # Stop together: one scalar all-reduce per step, so no rank leaves a collective hanging.
+        stopping = dist.any_rank(stop.requested())
+        if state.step % cfg.save_every_n_steps == 0 or state.step == cfg.max_steps or stopping:
+            save(run)
+        if stopping:
+            sink.message(f"stopped at step {state.step} ({stop.reason}); resume with "
+                         f"--resume auto")
+            stop.clear()
+            run.stopped = True
+            break
+    stop.restore()
+
+
+def save(run: Run) -> None:
+    cfg, state, sink = run.cfg, run.state, run.sink
+    tag_dir = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.tag_for(state.step)
+    if checkpoint.read_marker(tag_dir):
+        return  # resumed here and stopped before another step: this checkpoint exists
+    path, seconds, size = checkpoint.save(run.engine, cfg.output_dir, state, run.tokenizer,
+                                          run.probe_ids)
+    sink.message(f"saved {path} in {seconds:.1f}s ({size / 2**20:.1f} MiB)")
+    run.consolidator.wait()  # never prune a checkpoint that is still being consolidated
+    for tag in checkpoint.prune(cfg.output_dir, cfg.keep_last, cfg.keep_best, state):
+        sink.message(f"removed {tag} (--keep_last {cfg.keep_last})")
+    if cfg.consolidate == "every" or (cfg.consolidate == "final"
+                                      and state.step == cfg.max_steps):
+        run.consolidator.start(path)  # rank 0, in the background
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (what SLURM and Kubernetes send to every process of a job) or a STOP
+    file in the output directory ask the run to stop after the current optimizer step.
+
+    The handler only sets a flag: the loop saves and exits 0 at the next step boundary. A second
+    SIGINT restores the default behaviour and re-raises it, for a user who wants out now.
+    """
+
+    def __init__(self, stop_file: Path):
+        self.stop_file, self.reason = stop_file, ""
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.reason and signum == signal.SIGINT:  # Ctrl-C twice: give up the clean stop
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        # A repeated SIGTERM is expected (SLURM signals every process and DeepSpeed's launcher
+        # forwards its own), so it does not escalate.
+        self.reason = self.reason or signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        if not self.reason and dist.is_main() and self.stop_file.exists():
+            self.reason = f"{self.stop_file} exists"
+        return bool(self.reason)
+
+    def clear(self) -> None:
+        if dist.is_main():
+            self.stop_file.unlink(missing_ok=True)  # or the restart would stop at once
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def run_eval(run: Run) -> None:
@@ -223,7 +294,7 @@ def finish(run: Run) -> dict[str, Any]:
                    consolidated=str(consolidated) if consolidated else None,
                    steps=state.step, wall_s=time.perf_counter() - run.wall0,
                    tokens_per_s=sum(tps) / len(tps) if tps else float("nan"),
-                   eval=state.eval_history)
+                   eval=state.eval_history, stopped=run.stopped)
     run.sink.message(format_summary(summary))
     run.sink.close()
     return summary
@@ -267,7 +338,8 @@ def _wandb_cfg(cfg: RunConfig, ds_config: dict[str, Any], state: Any) -> dict[st
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = ["", "== qsft: training complete ==",
+    title = "stopped early (resume with --resume auto)" if s.get("stopped") else "training complete"
+    lines = ["", f"== qsft: {title} ==",
              f"steps {s['steps']} in {s['wall_s'] / 60:.1f} min, mean {s['tokens_per_s']:.0f} "
              f"tokens/s (non-padding, all ranks)"]
     if s["eval"]:

@@ -20,6 +20,8 @@ class NullSink:
 
     def log_step(self, record: dict[str, Any]) -> None: ...
     def log_eval(self, history: list[dict[str, Any]]) -> None: ...
+    def log_event(self, record: dict[str, Any]) -> None: ...
+    def log_samples(self, step: int, sample_ids: list[int]) -> None: ...
     def message(self, text: str) -> None: ...
     def progress(self, step: int, postfix: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
@@ -33,6 +35,9 @@ class MetricsSink(NullSink):
         self.logs.mkdir(parents=True, exist_ok=True)
         self.text = open(self.logs / "training_log.txt", "a", buffering=1)
         self.jsonl = open(self.logs / "metrics.jsonl", "a", buffering=1)
+        # Which examples (source indices) each optimizer step trained on: an audit trail, and
+        # how the resume tests prove that no example is skipped or repeated.
+        self.samples = open(self.logs / "data_order.jsonl", "a", buffering=1)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
@@ -49,6 +54,12 @@ class MetricsSink(NullSink):
         if self.wandb:
             self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"},
                            step=record["step"])
+
+    def log_event(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+
+    def log_samples(self, step: int, sample_ids: list[int]) -> None:
+        self.samples.write(json.dumps({"step": step, "samples": sample_ids}) + "\n")
 
     def log_eval(self, history: list[dict[str, Any]]) -> None:
         last, best = history[-1], min(history, key=lambda r: r["eval_loss"])
@@ -76,6 +87,7 @@ class MetricsSink(NullSink):
         self.bar.close()
         self.text.close()
         self.jsonl.close()
+        self.samples.close()
         if self.wandb:
             self.wandb.finish()
 

@@ -1,0 +1,216 @@
+"""Crash-safe checkpoints and exact resume, through the real launcher with 2 CPU ranks.
+
+The reference is one uninterrupted 12-step run (2 ranks, micro 2 x accumulation 2, a
+checkpoint at step 6 and 12). Every interrupted run must reproduce its per-step losses, the
+examples each step trained on, and its final weights — bit for bit on the same world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import launch, start
+
+pytestmark = pytest.mark.multirank
+
+STEPS, SAVE = 12, 6
+
+
+def _args(out: Path, nproc: int = 2) -> list[str]:
+    accum = 4 // nproc  # the same global batch (8) on 1 or 2 ranks
+    return ["--model_size", "tiny", "--output_dir", str(out), "--max_steps", str(STEPS),
+            "--save_steps", str(SAVE), "--eval_steps", "100", "--logging_steps", "1",
+            "--batch_size", "2", "--gradient_accumulation_steps", str(accum)]
+
+
+def _run(tmp: Path, out: Path, nproc: int = 2, env: dict | None = None, ok: bool = True):
+    res = launch("launch/train.py", _args(out, nproc), nproc=nproc, tmp=tmp, env=env)
+    if ok:
+        assert res.returncode == 0, res.stdout[-4000:]
+    return res
+
+
+def _last_per_step(path: Path, key: str) -> dict[int, object]:
+    """The last record per step: a resumed run logs again the steps it redoes."""
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if key in rec:
+            out[rec["step"]] = rec[key]
+    return out
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return _last_per_step(out / "logs" / "metrics.jsonl", "loss")
+
+
+def _samples(out: Path) -> dict[int, list[int]]:
+    return _last_per_step(out / "logs" / "data_order.jsonl", "samples")
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"checkpoint-{STEPS}" / "consolidated" /
+                     "model.safetensors")
+
+
+def _latest(out: Path) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+def _assert_same_run(out: Path, ref: Path, from_step: int) -> None:
+    ref_losses, losses = _losses(ref), _losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in range(from_step + 1, STEPS + 1):
+        assert losses[step] == ref_losses[step], step  # bit-exact, not approximately
+    assert _samples(out) == _samples(ref)  # no example skipped or repeated
+    ref_w, w = _weights(ref), _weights(out)
+    assert w.keys() == ref_w.keys()
+    for k in w:
+        assert torch.equal(w[k], ref_w[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    _run(tmp, tmp / "run")
+    return tmp / "run"
+
+
+def _wait_for(predicate, proc, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() - t0 < timeout, "timed out waiting"
+        time.sleep(0.1)
+
+
+def _kill(proc) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def test_sigkill_after_a_checkpoint_resumes_exactly(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start("launch/train.py", _args(out), nproc=2, tmp=tmp_path)
+    _wait_for(lambda: (out / "checkpoints" / f"checkpoint-{SAVE}" / "COMPLETE").exists(), proc)
+    time.sleep(random.uniform(0.0, 1.5))  # somewhere in steps 7..9
+    _kill(proc)
+    assert _latest(out) == f"checkpoint-{SAVE}"
+    assert not (out / "checkpoints" / f"checkpoint-{STEPS}" / "COMPLETE").exists()
+    res = _run(tmp_path, out)
+    assert f"resumed from {out / 'checkpoints' / f'checkpoint-{SAVE}'} at step {SAVE}" in (
+        res.stdout)
+    _assert_same_run(out, reference, SAVE)
+    events = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "resume", "step": SAVE, "tag": f"checkpoint-{SAVE}", "world_size": 2} in (
+        events)
+
+
+def test_sigkill_while_saving_keeps_the_previous_checkpoint(reference, tmp_path):
+    out = tmp_path / "run"
+    res = _run(tmp_path, out, env={"QSFT_TEST_KILL_IN_SAVE_AT_STEP": str(STEPS)}, ok=False)
+    assert res.returncode != 0
+    broken = out / "checkpoints" / f"checkpoint-{STEPS}"
+    assert broken.is_dir() and list(broken.glob("zero_pp_rank_*")) and not (
+        broken / "COMPLETE").exists()
+    assert _latest(out) == f"checkpoint-{SAVE}"
+    res = _run(tmp_path, out)
+    assert f"ignoring checkpoint-{STEPS}: incomplete" in res.stdout
+    assert f"at step {SAVE}" in res.stdout
+    _assert_same_run(out, reference, SAVE)
+
+
+def _rank_processes(proc) -> list[psutil.Process]:
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    return [p for p in kids if "launch/train.py" in " ".join(p.cmdline())
+            and "deepspeed.launcher" not in " ".join(p.cmdline())]
+
+
+def _wait_for_step(out: Path, proc, step: int) -> None:
+    metrics = out / "logs" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and any(
+        json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()), proc)
+
+
+def test_sigterm_to_the_ranks_saves_exits_0_and_resumes_exactly(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start("launch/train.py", _args(out), nproc=2, tmp=tmp_path)
+    _wait_for_step(out, proc, 2)
+    t0 = time.time()
+    for p in _rank_processes(proc):  # what Kubernetes, or `pkill -TERM -f launch/train.py`, does
+        p.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, text[-3000:]
+    assert time.time() - t0 < 30  # one optimizer step + one save, here well under a second each
+    stopped = int(_latest(out).split("-")[1])
+    assert 2 <= stopped < STEPS and f"stopped at step {stopped} (SIGTERM)" in text
+    _run(tmp_path, out)
+    _assert_same_run(out, reference, stopped)
+
+
+def test_sigterm_to_every_process_like_slurm_still_saves(tmp_path):
+    out = tmp_path / "run"
+    proc = start("launch/train.py", _args(out), nproc=2, tmp=tmp_path)
+    _wait_for_step(out, proc, 2)
+    os.killpg(proc.pid, signal.SIGTERM)  # runner, DeepSpeed's per-node launcher and ranks
+    text, _ = proc.communicate(timeout=120)
+    stopped = int(_latest(out).split("-")[1])
+    assert 2 <= stopped < STEPS, text[-3000:]
+    assert (out / "checkpoints" / f"checkpoint-{stopped}" / "COMPLETE").exists()
+    assert f"stopped at step {stopped} (SIGTERM)" in (out / "logs" / "training_log.txt"
+                                                       ).read_text()
+
+
+def test_stop_file_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = start("launch/train.py", _args(out), nproc=2, tmp=tmp_path)
+    _wait_for_step(out, proc, 2)
+    (out / "STOP").touch()
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, text[-3000:]
+    stopped = int(_latest(out).split("-")[1])
+    assert stopped < STEPS and "STOP exists" in text
+    assert not (out / "STOP").exists()  # consumed, so that a restart does not stop at once
+
+
+def _copy_checkpoint(src_run: Path, step: int, dst_run: Path) -> None:
+    (dst_run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src_run / "checkpoints" / f"checkpoint-{step}",
+                    dst_run / "checkpoints" / f"checkpoint-{step}",
+                    ignore=shutil.ignore_patterns("consolidated"))
+
+
+# Changing the number of ranks changes the order of floating-point reductions only: 1 and 2
+# ranks on the same global batch give losses within ~1e-7 relative over 12 steps here. Without
+# the workaround in checkpoint._unshare_adam_steps the elastic resume was off by 1e-4.
+ELASTIC_RTOL = 1e-6
+
+
+@pytest.mark.parametrize("src_ranks,dst_ranks", [(2, 1), (1, 2)])
+def test_elastic_resume_on_another_number_of_ranks(reference, tmp_path, src_ranks, dst_ranks):
+    if src_ranks == 2:
+        src = reference
+    else:
+        src = tmp_path / "src"
+        _run(tmp_path, src, nproc=1)
+    out = tmp_path / "run"
+    _copy_checkpoint(src, SAVE, out)
+    res = _run(tmp_path, out, nproc=dst_ranks)
+    assert f"saved by {src_ranks} ranks, now {dst_ranks}" in res.stdout
+    ref = _losses(src)
+    got = _losses(out)
+    for step in range(SAVE + 1, STEPS + 1):
+        assert got[step] == pytest.approx(ref[step], rel=ELASTIC_RTOL), step
+    later = _samples(out)
+    assert all(later[s] == _samples(src)[s] for s in range(SAVE + 1, STEPS + 1))
