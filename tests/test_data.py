@@ -6,13 +6,11 @@ import json
 
 import pytest
 
+from trainer.batching import Sampler, collate, eval_batches
 from trainer.config import ASSETS_DIR
 from trainer.data import (
     IGNORE_INDEX,
     DataError,
-    Sampler,
-    collate,
-    eval_batches,
     load_records,
     render,
     to_messages,

@@ -10,25 +10,27 @@ import pytest
 import torch
 
 from tests.conftest import REPO, launch, run_env
+from trainer.batching import Sampler
 from trainer.config import ASSETS_DIR
-from trainer.data import Sampler, load_records, tokenize_records
+from trainer.data import load_records, tokenize_records
 from trainer.model import load_tokenizer
 
 pytestmark = pytest.mark.multirank
 PROBE = "tests/scripts/probe.py"
 
 
-def _grads(tmp_path, nproc: int, accum: int) -> dict:
+def _grads(tmp_path, nproc: int, accum: int, packing: bool) -> dict:
     out = tmp_path / f"grads_{nproc}.pt"
     res = launch(PROBE, ["grads", str(out), "--model_size", "tiny", "--output_dir",
                          str(tmp_path / f"o{nproc}"), "--batch_size", "2",
-                         "--gradient_accumulation_steps", str(accum), "--seed", "3"],
+                         "--gradient_accumulation_steps", str(accum), "--seed", "3",
+                         "--packing" if packing else "--no-packing"],
                  nproc=nproc, tmp=tmp_path, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:]
     return torch.load(out)
 
 
-def _reference_grads(init: dict, seed: int, naive: bool = False) -> dict:
+def _reference_grads(init: dict, seed: int, packing: bool, naive: bool = False) -> dict:
     """Plain PyTorch, one process, no DeepSpeed: the gradient of the step's loss.
 
     Correct: sum of target-token CE over the whole global batch / its target tokens.
@@ -39,8 +41,9 @@ def _reference_grads(init: dict, seed: int, naive: bool = False) -> dict:
     tok = load_tokenizer(ASSETS_DIR / "tiny_model")
     data = tokenize_records(load_records(ASSETS_DIR / "q_sft_train.jsonl"), tok, 512)
     batches = Sampler(data, micro=2, accum=4, world=1, rank=0, seed=seed,
-                      pad_id=tok.pad_token_id).step(0)
+                      pad_id=tok.pad_token_id, pack_to=512 if packing else None).step(0)
     config = AutoConfig.from_pretrained(ASSETS_DIR / "tiny_model")
+    config.use_cache = False
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              attn_implementation="sdpa")
     missing, unexpected = model.load_state_dict(init, strict=False)
@@ -62,12 +65,13 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in a)
 
 
-def test_loss_normalisation_1rank_ga4_equals_2ranks_ga2(tmp_path):
-    one = _grads(tmp_path, nproc=1, accum=4)
-    two = _grads(tmp_path, nproc=2, accum=2)
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_loss_normalisation_1rank_ga4_equals_2ranks_ga2(tmp_path, packing):
+    one = _grads(tmp_path, nproc=1, accum=4, packing=packing)
+    two = _grads(tmp_path, nproc=2, accum=2, packing=packing)
     torch.testing.assert_close(one["init"], two["init"])  # same seeded init on any world size
-    ref = _reference_grads(one["init"], seed=3)
-    naive = _reference_grads(one["init"], seed=3, naive=True)
+    ref = _reference_grads(one["init"], seed=3, packing=packing)
+    naive = _reference_grads(one["init"], seed=3, packing=packing, naive=True)
     assert _max_rel_diff(one["grads"], ref) < 1e-5
     assert _max_rel_diff(two["grads"], ref) < 1e-5
     assert _max_rel_diff(one["grads"], two["grads"]) < 1e-5
@@ -98,7 +102,10 @@ def test_end_to_end_output_layout(trained):
 
     metrics = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [4, 8, 12, 16]
-    assert all(m["tokens_per_s"] > 0 and m["consumed_samples"] == m["step"] * 8 for m in metrics)
+    # Packed by default: micro 1 sequence of 512 tokens x 2 ranks per step, ~4 examples each.
+    assert all(m["tokens_per_s"] > 0 and m["consumed_samples"] == m["step"] * 2 for m in metrics)
+    assert all(m["examples_seen"] > m["consumed_samples"] * 2 for m in metrics)
+    assert all(0 <= m["padding"] < 0.2 for m in metrics)
     evals = json.loads((out / "logs" / "eval_results.json").read_text())
     steps = [e["step"] for e in evals["history"]]
     assert steps == [0, 8, 16]

@@ -53,7 +53,9 @@ class TrainerState:
 
     step: int = 0  # optimizer steps done
     micro_step: int = 0  # micro-batches done on each rank
-    consumed_samples: int = 0  # examples consumed over all ranks = position in the data stream
+    consumed_samples: int = 0  # stream units (packed sequences or examples), all ranks: the
+    #                            position in the data stream
+    examples_seen: int = 0  # training examples in those units
     tokens_seen: int = 0  # non-padding tokens over all ranks
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     wandb_run_id: str | None = None

@@ -37,7 +37,7 @@ _LARGE = dict(_SMALL, learning_rate=4e-6, save_every_n_steps=50, batch_size=1,
               gradient_accumulation_steps=8, consolidate="every")
 SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(learning_rate=2e-3, max_steps=200, save_every_n_steps=100, eval_steps=25,
-                 max_seq_length=512, batch_size=4, gradient_accumulation_steps=1,
+                 max_seq_length=512, batch_size=1, gradient_accumulation_steps=1,
                  logging_steps=10, consolidate="final"),
     "1.5b": dict(_SMALL, batch_size=2, gradient_accumulation_steps=4),
     "3b": dict(_SMALL, batch_size=2, gradient_accumulation_steps=4),
@@ -78,7 +78,7 @@ class RunConfig(BaseModel):
     consolidate: Literal["every", "final", "none"] = Field(
         description="write checkpoint-N/consolidated/ after every save, the last one, or never")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
-    packing: bool = Field(False, description="pack examples into max_seq_length sequences")
+    packing: bool = Field(True, description="pack examples into max_seq_length sequences")
     wandb: bool = Field(False, description="log to Weights & Biases (offline without network)")
     seed: int = Field(42, ge=0, description="seeds init, data order and dropout")
     resume: str = Field("auto", min_length=1, description="auto | none | path to a checkpoint tag")
@@ -106,9 +106,6 @@ class RunConfig(BaseModel):
             raise ValueError(f"--base_model {self.base_model}: no config.json there")
         if self.ds_config is not None and not self.ds_config.is_file():
             raise ValueError(f"--ds_config {self.ds_config}: file not found")
-        if self.packing:
-            raise ValueError("--packing is not available yet: examples are padded per "
-                             "micro-batch; drop the flag or pass --no-packing")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: expected auto, none or a checkpoint dir")
         return self

@@ -9,14 +9,9 @@ model loads.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers) skip
 ROLES = ("system", "user", "assistant")
@@ -225,108 +220,3 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, max_seq_leng
                      tokens=sum(map(len, out.input_ids)),
                      label_tokens=sum(out.label_tokens(i) for i in range(len(out))))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching: the data order is a pure function of (seed, epoch, step)
-
-
-@dataclass
-class StepBatches:
-    """The micro-batches of one optimizer step for this rank, and the step's global token count.
-
-    `num_label_tokens` counts target tokens over all micro-batches of all ranks in the step; every
-    rank computes it locally from the shared order, so no collective is needed to normalise.
-    """
-
-    micro_batches: list[dict[str, torch.Tensor]]
-    num_label_tokens: int
-    sample_ids: list[int]  # source-file indices of the whole global batch, all ranks
-
-
-class Sampler:
-    """Deterministic global-batch sampler sharded over data-parallel ranks.
-
-    The data stream is the concatenation of per-epoch permutations, epoch e drawn from
-    (seed, e). An optimizer step takes the next micro x accum x world examples of the stream,
-    starting at the number of samples consumed so far; micro-batch j of rank r takes a contiguous
-    slice of that global batch. So the same examples are seen whatever the split between ranks
-    and accumulation, and a resumed run (even on another number of ranks) continues the stream
-    exactly where it stopped: no example is skipped or repeated.
-    """
-
-    def __init__(self, data: TokenizedSet, micro: int, accum: int, world: int, rank: int,
-                 seed: int, pad_id: int):
-        self.data, self.micro, self.accum, self.world, self.rank = data, micro, accum, world, rank
-        self.seed, self.pad_id = seed, pad_id
-        self.global_batch = micro * accum * world
-        self._cached: tuple[int, np.ndarray] | None = None
-        if len(data) < self.global_batch:
-            raise DataError(f"{len(data)} training examples are fewer than one global batch "
-                            f"(batch_size {micro} x grad_accum {accum} x world {world}); "
-                            f"lower the batch flags")
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return len(self.data) / self.global_batch
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._cached is None or self._cached[0] != epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-            self._cached = (epoch, perm)
-        return self._cached[1]
-
-    def global_indices(self, start: int) -> list[int]:
-        """Indices (into the tokenized set) at stream positions [start, start + global_batch)."""
-        n, out, pos = len(self.data), [], start
-        while len(out) < self.global_batch:
-            epoch, k = divmod(pos, n)
-            take = min(self.global_batch - len(out), n - k)
-            out += [int(i) for i in self.order(epoch)[k:k + take]]
-            pos += take
-        return out
-
-    def step(self, start: int) -> StepBatches:
-        """The batches of the optimizer step that begins at stream position `start`
-        (the samples consumed before it, over all ranks)."""
-        chosen = self.global_indices(start)
-        n_tokens = sum(self.data.label_tokens(i) for i in chosen)
-        micro_batches = []
-        for j in range(self.accum):
-            base = j * self.micro * self.world + self.rank * self.micro
-            idx = chosen[base:base + self.micro]
-            micro_batches.append(collate([self.data.input_ids[i] for i in idx],
-                                         [self.data.labels[i] for i in idx], self.pad_id))
-        return StepBatches(micro_batches, n_tokens, [self.data.ids[i] for i in chosen])
-
-
-def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int
-            ) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; pad positions are masked and ignored by the loss."""
-    width = max(map(len, input_ids))
-    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(input_ids), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-    for row, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
-        ids[row, : len(x)] = torch.tensor(x)
-        lab[row, : len(y)] = torch.tensor(y)
-        mask[row, : len(x)] = 1
-    return {"input_ids": ids, "labels": lab, "attention_mask": mask}
-
-
-def eval_batches(data: TokenizedSet, batch: int, world: int, rank: int, pad_id: int
-                 ) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
-    """This rank's eval micro-batches, padded so that every rank runs the same number.
-
-    Under ZeRO-3 a forward pass is a collective, so a rank with fewer examples still runs the
-    forward; the flag says whether its result counts.
-    """
-    per_rank = math.ceil(len(data) / world)
-    n_batches = math.ceil(per_rank / batch)
-    mine = list(range(rank, len(data), world))
-    for b in range(n_batches):
-        idx = mine[b * batch:(b + 1) * batch]
-        real = bool(idx)
-        idx = idx or [0]
-        yield collate([data.input_ids[i] for i in idx], [data.labels[i] for i in idx],
-                      pad_id), real

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from trainer import checkpoint, dist, versions
+from trainer.batching import Sampler, eval_batches
 from trainer.config import RunConfig, resolve_ds_config
 from trainer.consolidate import BackgroundConsolidator, NullConsolidator
-from trainer.data import Sampler, TokenizedSet, eval_batches, load_records, tokenize_records
+from trainer.data import TokenizedSet, load_records, tokenize_records
 from trainer.metrics import MetricsSink, NullSink
 from trainer.model import build_model, count_parameters, load_tokenizer
 
@@ -110,7 +111,8 @@ def setup(cfg: RunConfig) -> Run:
     if cfg.resume == "none" and cfg.overwrite:
         checkpoint.clear_previous_run(cfg.output_dir)
     sampler = Sampler(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, world,
-                      dist.rank(), cfg.seed, tokenizer.pad_token_id)
+                      dist.rank(), cfg.seed, tokenizer.pad_token_id,
+                      pack_to=cfg.max_seq_length if cfg.packing else None)
     dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
              else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
     model, hf_ds_config = build_model(cfg.model_dir, ds_config, dtype,
@@ -174,34 +176,38 @@ def fit(run: Run) -> None:
     stop = StopRequest(Path(cfg.output_dir) / "STOP")
     if run.eval_set is not None and state.step == 0 and not state.eval_history:
         run_eval(run)  # the step-0 baseline that later evals are compared with
-    window = dict(loss_sum=0.0, label_tokens=0, tokens=0, t0=time.perf_counter())
+    window = dict(loss_sum=0.0, label_tokens=0, tokens=0, padded=0, t0=time.perf_counter())
     while state.step < cfg.max_steps:
         batches = run.sampler.step(state.consumed_samples)
         num_items = batches.num_label_tokens / (run.world * accum)
         lr = run.scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        window["tokens"] += batches.tokens
+        window["padded"] += batches.padded_tokens
         for mb in batches.micro_batches:
-            window["tokens"] += int(mb["attention_mask"].sum())
             loss_sum += forward_backward(engine, mb, num_items)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             state.micro_step += 1
         state.step += 1
         state.consumed_samples += run.sampler.global_batch
+        state.examples_seen += len(batches.sample_ids)
         sink.log_samples(state.step, batches.sample_ids)
         window["loss_sum"] += loss_sum  # stays on the device: no host sync per step
         window["label_tokens"] += batches.num_label_tokens
 
         if state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
-            # One collective per logged step: summed CE and non-pad tokens over all ranks.
-            loss_total, tokens = dist.all_reduce_sum([float(window["loss_sum"]),
-                                                      window["tokens"]])
+            # One collective per logged step: summed CE, real and padded tokens over all ranks.
+            loss_total, tokens, padded = dist.all_reduce_sum(
+                [float(window["loss_sum"]), window["tokens"], window["padded"]])
             elapsed = time.perf_counter() - window["t0"]
             state.tokens_seen += int(tokens)
             run.tokens_per_s.append(tokens / elapsed)
             grad_norm = engine.get_global_grad_norm()
             record = dict(step=state.step, loss=loss_total / window["label_tokens"], lr=lr,
                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                          tokens_per_s=tokens / elapsed, consumed_samples=state.consumed_samples,
+                          tokens_per_s=tokens / elapsed, padding=1 - tokens / max(padded, 1),
+                          consumed_samples=state.consumed_samples,
+                          examples_seen=state.examples_seen,
                           tokens_seen=state.tokens_seen,
                           epoch=state.step / run.sampler.steps_per_epoch,
                           elapsed_s=time.perf_counter() - run.wall0)

@@ -14,8 +14,8 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from trainer import dist
+from trainer.batching import collate
 from trainer.config import parse_run_config
-from trainer.data import collate
 from trainer.loop import finish, fit, forward_backward, setup
 
 
