@@ -144,13 +144,6 @@ class _Opaque:
         return _Opaque(*args)
 
 
-def _plain(value: Any) -> Any:
-    """The value of an enum member that was unpickled as an _Opaque (e.g. ZeroStageEnum)."""
-    if isinstance(value, _Opaque) and len(value.args) == 1:
-        return value.args[0]
-    return value
-
-
 class _LazyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module.split(".")[0] not in ("torch", "collections", "builtins", "numpy", "_codecs"):
@@ -219,7 +212,9 @@ class ZeroCheckpoint:
         self.flat_groups: list[list[LazyTensor]] = []
         for shard in self.shards:
             osd = shard.obj.get("optimizer_state_dict", {}) if isinstance(shard.obj, dict) else {}
-            if _plain(osd.get("zero_stage")) != 3 or "fp32_flat_groups" not in osd:
+            # ZeRO-3 shards hold "fp32_flat_groups" (stages 1/2 another key). zero_stage itself is
+            # a DeepSpeed enum, pickled differently by different Python patch releases.
+            if "fp32_flat_groups" not in osd:
                 raise CheckpointError(f"{shard.path}: not a ZeRO-3 optimizer shard")
             if osd.get("partition_count") != self.world_size:
                 raise CheckpointError(f"{shard.path}: written by {osd.get('partition_count')} "
