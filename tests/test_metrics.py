@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 from trainer.loop import format_summary, lr_lambda
 from trainer.metrics import MetricsSink
 
@@ -56,3 +58,18 @@ def test_summary_names_consolidated_dir_and_losses():
                                eval=[dict(step=0, eval_loss=7.0), dict(step=10, eval_loss=3.0)]))
     assert "eval loss 7.0000 (step 0) -> 3.0000 (step 10)" in text
     assert "from_pretrained('/x/c')" in text and "1234 tokens/s" in text
+
+
+def test_flops_per_token_counts_matmul_params_and_causal_attention():
+    from types import SimpleNamespace
+
+    from trainer.flops import device_peak_flops, flops_per_token
+
+    cfg = SimpleNamespace(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                          tie_word_embeddings=True)
+    # tied: the 64k embedding is also the output projection, so every parameter multiplies
+    assert flops_per_token(cfg, 200_000, 100) == 6 * 200_000 + 6 * 2 * 64 * 100
+    cfg.tie_word_embeddings = False  # untied: the input lookup is not a matmul
+    assert flops_per_token(cfg, 264_000, 100) == 6 * 200_000 + 6 * 2 * 64 * 100
+    peak, source = device_peak_flops(torch.float32)
+    assert peak > 1e9 and "measured" in source

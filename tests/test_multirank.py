@@ -105,7 +105,7 @@ def test_end_to_end_output_layout(trained):
     # Packed by default: micro 1 sequence of 512 tokens x 2 ranks per step, ~4 examples each.
     assert all(m["tokens_per_s"] > 0 and m["consumed_samples"] == m["step"] * 2 for m in metrics)
     assert all(m["examples_seen"] > m["consumed_samples"] * 2 for m in metrics)
-    assert all(0 <= m["padding"] < 0.2 for m in metrics)
+    assert all(0 <= m["padding"] < 0.2 and 0 < m["mfu"] < 1 for m in metrics)
     evals = json.loads((out / "logs" / "eval_results.json").read_text())
     steps = [e["step"] for e in evals["history"]]
     assert steps == [0, 8, 16]

@@ -17,6 +17,7 @@ from trainer.batching import Sampler, eval_batches
 from trainer.config import RunConfig, resolve_ds_config
 from trainer.consolidate import BackgroundConsolidator, NullConsolidator
 from trainer.data import TokenizedSet, load_records, tokenize_records
+from trainer.flops import device_peak_flops, flops_per_token
 from trainer.metrics import MetricsSink, NullSink
 from trainer.model import build_model, count_parameters, load_tokenizer
 
@@ -80,6 +81,8 @@ class Run:
     probe_ids: torch.Tensor | None = None  # fixed batch whose logits each checkpoint records
     consolidator: Any = None
     hf_ds_config: Any = None  # keeps transformers' ZeRO-3 hook alive for the run
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0  # one device
     tokens_per_s: list[float] = field(default_factory=list)
     stopped: bool = False  # stopped early on request (signal or STOP file)
 
@@ -149,8 +152,14 @@ def setup(cfg: RunConfig) -> Run:
         consolidator = BackgroundConsolidator(Path(cfg.output_dir) / "logs", sink.message)
     probe_set = eval_set or train_set
     probe_ids = torch.tensor([probe_set.input_ids[0][:64]])
-    return Run(cfg, engine, scheduler, tokenizer, train_set, eval_set, sampler, state, sink,
-               num_params, world, wall0, probe_ids, consolidator, hf_ds_config)
+    run = Run(cfg, engine, scheduler, tokenizer, train_set, eval_set, sampler, state, sink,
+              num_params, world, wall0, probe_ids, consolidator, hf_ds_config)
+    run.flops_per_token = flops_per_token(model.config, num_params,
+                                          train_set.stats["tokens"] / len(train_set))
+    run.peak_flops, source = device_peak_flops(dtype)
+    sink.message(f"MFU basis: {run.flops_per_token / 1e6:.1f} MFLOP per token, peak "
+                 f"{run.peak_flops / 1e12:.3g} TFLOP/s per device ({source})")
+    return run
 
 
 def forward_backward(engine: Any, micro_batch: dict[str, torch.Tensor], num_items: float
@@ -206,6 +215,8 @@ def fit(run: Run) -> None:
             record = dict(step=state.step, loss=loss_total / window["label_tokens"], lr=lr,
                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                           tokens_per_s=tokens / elapsed, padding=1 - tokens / max(padded, 1),
+                          mfu=tokens / elapsed * run.flops_per_token / (run.peak_flops
+                                                                         * run.world),
                           consumed_samples=state.consumed_samples,
                           examples_seen=state.examples_seen,
                           tokens_seen=state.tokens_seen,
@@ -213,7 +224,8 @@ def fit(run: Run) -> None:
                           elapsed_s=time.perf_counter() - run.wall0)
             sink.log_step(record)
             sink.progress(state.step, {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}",
-                                       "tok/s": f"{record['tokens_per_s']:.0f}"})
+                                       "tok/s": f"{record['tokens_per_s']:.0f}",
+                                       "mfu": f"{record['mfu']:.1%}"})
             window = dict(loss_sum=0.0, label_tokens=0, tokens=0, t0=time.perf_counter())
         if run.eval_set is not None and (state.step % cfg.eval_steps == 0
                                          or state.step == cfg.max_steps):

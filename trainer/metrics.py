@@ -50,7 +50,8 @@ class MetricsSink(NullSink):
         self.text.write(
             f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {record['step']} "
             f"loss {record['loss']:.4f} lr {record['lr']:.3e} grad_norm {record['grad_norm']:.3f} "
-            f"tokens/s {record['tokens_per_s']:.0f} samples {record['consumed_samples']}\n")
+            f"tokens/s {record['tokens_per_s']:.0f} mfu {record.get('mfu', 0):.1%} "
+            f"padding {record.get('padding', 0):.1%} samples {record['consumed_samples']}\n")
         if self.wandb:
             self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"},
                            step=record["step"])
