@@ -85,6 +85,7 @@ class Run:
     peak_flops: float = 0.0  # one device
     tokens_per_s: list[float] = field(default_factory=list)
     stopped: bool = False  # stopped early on request (signal or STOP file)
+    train_seconds: float = 0.0  # time in logged training windows: no setup, eval is excluded
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -185,7 +186,10 @@ def fit(run: Run) -> None:
     stop = StopRequest(Path(cfg.output_dir) / "STOP")
     if run.eval_set is not None and state.step == 0 and not state.eval_history:
         run_eval(run)  # the step-0 baseline that later evals are compared with
-    window = dict(loss_sum=0.0, label_tokens=0, tokens=0, padded=0, t0=time.perf_counter())
+    def new_window() -> dict[str, Any]:
+        return dict(loss_sum=0.0, label_tokens=0, tokens=0, padded=0, t0=time.perf_counter())
+
+    window = new_window()
     while state.step < cfg.max_steps:
         batches = run.sampler.step(state.consumed_samples)
         num_items = batches.num_label_tokens / (run.world * accum)
@@ -209,6 +213,7 @@ def fit(run: Run) -> None:
             loss_total, tokens, padded = dist.all_reduce_sum(
                 [float(window["loss_sum"]), window["tokens"], window["padded"]])
             elapsed = time.perf_counter() - window["t0"]
+            run.train_seconds += elapsed
             state.tokens_seen += int(tokens)
             run.tokens_per_s.append(tokens / elapsed)
             grad_norm = engine.get_global_grad_norm()
@@ -226,7 +231,8 @@ def fit(run: Run) -> None:
             sink.progress(state.step, {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}",
                                        "tok/s": f"{record['tokens_per_s']:.0f}",
                                        "mfu": f"{record['mfu']:.1%}"})
-            window = dict(loss_sum=0.0, label_tokens=0, tokens=0, t0=time.perf_counter())
+            window = new_window()
+        paused = time.perf_counter()  # eval and saves do not count as training time
         if run.eval_set is not None and (state.step % cfg.eval_steps == 0
                                          or state.step == cfg.max_steps):
             run_eval(run)
@@ -234,6 +240,7 @@ def fit(run: Run) -> None:
         stopping = dist.any_rank(stop.requested())
         if state.step % cfg.save_every_n_steps == 0 or state.step == cfg.max_steps or stopping:
             save(run)
+        window["t0"] += time.perf_counter() - paused
         if stopping:
             sink.message(f"stopped at step {state.step} ({stop.reason}); resume with "
                          f"--resume auto")
@@ -312,7 +319,9 @@ def finish(run: Run) -> dict[str, Any]:
                    consolidated=str(consolidated) if consolidated else None,
                    steps=state.step, wall_s=time.perf_counter() - run.wall0,
                    tokens_per_s=sum(tps) / len(tps) if tps else float("nan"),
-                   eval=state.eval_history, stopped=run.stopped)
+                   eval=state.eval_history, stopped=run.stopped,
+                   train_seconds=run.train_seconds, examples_seen=state.examples_seen,
+                   tokens_seen=state.tokens_seen)
     run.sink.message(format_summary(summary))
     run.sink.close()
     return summary
