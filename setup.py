@@ -25,7 +25,8 @@ setup(
         "tqdm>=4.66",
         "numpy>=1.26",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+                    "bench": ["trl>=1.0"]},
     entry_points={"console_scripts": ["qsft-config=trainer.config:main",
                                       "qsft-consolidate=trainer.consolidate:main"]},
 )

@@ -322,6 +322,7 @@ def finish(run: Run) -> dict[str, Any]:
                    eval=state.eval_history, stopped=run.stopped,
                    train_seconds=run.train_seconds, examples_seen=state.examples_seen,
                    tokens_seen=state.tokens_seen)
+    run.sink.write_summary(summary)
     run.sink.message(format_summary(summary))
     run.sink.close()
     return summary
