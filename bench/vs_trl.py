@@ -88,7 +88,7 @@ def worker_trl(model_dir: Path, out: Path, packing: bool, epochs: int) -> dict:
         logging_strategy="no", eval_strategy="no", num_train_epochs=epochs,
         per_device_train_batch_size=2 if packing else EXAMPLES_PER_STEP,
         gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
         seed=SEED, data_seed=SEED, max_length=SEQ, packing=packing, bf16=False,
         dataloader_num_workers=0, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
