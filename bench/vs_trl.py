@@ -54,6 +54,8 @@ def make_model(name: str, work: Path) -> Path:
     config = AutoConfig.from_pretrained(out)
     for k, v in (SHAPES[name] or {}).items():
         setattr(config, k, v)
+    config.layer_types = ["full_attention"] * config.num_hidden_layers  # derived at init
+    config.head_dim = config.hidden_size // config.num_attention_heads
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
