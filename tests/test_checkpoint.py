@@ -53,6 +53,12 @@ def test_explicit_path_must_be_complete(tmp_path):
     assert point.tag_dir == root / "checkpoint-10"
 
 
+def test_going_back_past_newer_checkpoints_is_refused(tmp_path):
+    root = _fake_run(tmp_path, [10, 20])
+    with pytest.raises(ConfigError, match=r"newer checkpoints \['checkpoint-20'\] exist"):
+        find_resume_point(_cfg(tmp_path, "--resume", str(root / "checkpoint-10")))
+
+
 def test_prune_keeps_last_k_and_the_best(tmp_path):
     root = _fake_run(tmp_path, [10, 20, 30, 40, 50], incomplete=[50])
     state = TrainerState(step=40, eval_history=[

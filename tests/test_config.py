@@ -75,6 +75,7 @@ BROKEN = {
         lambda c: c["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False),
         "stage3_gather_16bit_weights_on_model_save"),
     "bf16 and fp16": (lambda c: c.update(fp16={"enabled": True}), "bf16.enabled and fp16"),
+    "string boolean": (lambda c: c["bf16"].update(enabled="false"), "bf16.enabled must be"),
     "bad offload device": (
         lambda c: c["zero_optimization"].update(offload_optimizer={"device": "gpu"}),
         "offload_optimizer.device"),
@@ -177,6 +178,7 @@ BAD_FLAGS = {
     "missing ds config": (["--ds_config", "nope.json"], "--ds_config nope.json"),
     "bad resume": (["--resume", "/no/such/dir"], "--resume"),
     "bad overlong": (["--overlong", "wrap"], "--overlong"),
+    "overwrite while resuming": (["--overwrite"], "--overwrite only applies with --resume none"),
 }
 
 

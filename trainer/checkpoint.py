@@ -129,6 +129,13 @@ def find_resume_point(cfg: RunConfig) -> ResumePoint | None:
         if not read_marker(tag_dir):
             raise ConfigError(f"--resume {tag_dir}: not a complete checkpoint (no {COMPLETE} "
                               f"marker); a save was interrupted there")
+        newer = [p.name for p in complete_checkpoints(root)
+                 if _step_of(p.name) > _step_of(tag_dir.name)]
+        if newer and Path(tag_dir).resolve().parent == root.resolve():
+            # They belong to another trajectory: --resume auto would later pick them up, and
+            # --keep_last would count them. Going back in time is explicit.
+            raise ConfigError(f"--resume {tag_dir}: newer checkpoints {newer} exist in {root}; "
+                              f"move them away or delete them before going back")
     return ResumePoint(tag_dir, int(read_marker(tag_dir)["world_size"]), skipped)
 
 
@@ -233,10 +240,14 @@ def prune(output_dir: Path, keep_last: int, keep_best: bool, state: TrainerState
     """
     if keep_last <= 0 or not dist.is_main():
         return []
-    done = complete_checkpoints(checkpoint_root(output_dir))
+    root = checkpoint_root(output_dir)
+    done = complete_checkpoints(root)
     keep = {p.name for p in done[-keep_last:]}
-    if keep_best and state.best is not None:
-        keep.add(tag_for(state.best["step"]))
+    keep.add((root / "latest").read_text().strip())  # never the one a restart would load
+    saved = {_step_of(p.name) for p in done}
+    evals = [r for r in state.eval_history if r["step"] in saved]
+    if keep_best and evals:  # the best eval among the steps that have a checkpoint
+        keep.add(tag_for(min(evals, key=lambda r: r["eval_loss"])["step"]))
     removed = []
     for p in done:
         if p.name not in keep:

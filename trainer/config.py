@@ -106,6 +106,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"--base_model {self.base_model}: no config.json there")
         if self.ds_config is not None and not self.ds_config.is_file():
             raise ValueError(f"--ds_config {self.ds_config}: file not found")
+        if self.overwrite and self.resume != "none":
+            raise ValueError("--overwrite only applies with --resume none (start over); drop "
+                             "it to continue the run")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: expected auto, none or a checkpoint dir")
         return self

@@ -41,7 +41,7 @@ class ConsolidateError(ValueError):
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text.upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
     if not m:
         raise ConsolidateError(f"--max_shard_size {text!r}: expected e.g. 5GB or 500MB")
     base = 1024 if m.group(3) else 1000
@@ -102,6 +102,8 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
     dtype = dtype or ckpt.train_dtype
     config = json.loads((hf_dir / "config.json").read_text())
     tied = bool(config.get("tie_word_embeddings", False))
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     t0 = time.perf_counter()
     try:

@@ -148,8 +148,12 @@ class DSConfig(_Strict):
         if zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
             raise ValueError("zero_optimization.stage3_gather_16bit_weights_on_model_save must be "
                              "true, or consolidated checkpoints come out empty; set it to true")
-        bf16_on = bool((self.bf16 or {}).get("enabled", False))
-        fp16_on = bool((self.fp16 or {}).get("enabled", False))
+        for name in ("bf16", "fp16"):
+            enabled = (getattr(self, name) or {}).get("enabled", False)
+            if not isinstance(enabled, bool):  # "false" would be truthy for us, false for them
+                raise ValueError(f"{name}.enabled must be true or false (got {enabled!r})")
+        bf16_on = (self.bf16 or {}).get("enabled", False)
+        fp16_on = (self.fp16 or {}).get("enabled", False)
         if bf16_on and fp16_on:
             raise ValueError("bf16.enabled and fp16.enabled are both true; enable one of them")
         if self.scheduler is not None:

@@ -86,6 +86,7 @@ class Run:
     tokens_per_s: list[float] = field(default_factory=list)
     stopped: bool = False  # stopped early on request (signal or STOP file)
     train_seconds: float = 0.0  # time in logged training windows: no setup, eval is excluded
+    resumed_at: int = -1  # the step this run resumed from
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -157,7 +158,9 @@ def setup(cfg: RunConfig) -> Run:
               num_params, world, wall0, probe_ids, consolidator, hf_ds_config)
     run.flops_per_token = flops_per_token(model.config, num_params,
                                           train_set.stats["tokens"] / len(train_set))
-    run.peak_flops, source = device_peak_flops(dtype)
+    with torch.random.fork_rng():  # measuring must not consume the restored random streams
+        run.peak_flops, source = device_peak_flops(dtype)
+    run.resumed_at = state.step if resume_from is not None else -1
     sink.message(f"MFU basis: {run.flops_per_token / 1e6:.1f} MFLOP per token, peak "
                  f"{run.peak_flops / 1e12:.3g} TFLOP/s per device ({source})")
     return run
@@ -253,8 +256,8 @@ def fit(run: Run) -> None:
 def save(run: Run) -> None:
     cfg, state, sink = run.cfg, run.state, run.sink
     tag_dir = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.tag_for(state.step)
-    if checkpoint.read_marker(tag_dir):
-        return  # resumed here and stopped before another step: this checkpoint exists
+    if state.step == run.resumed_at and checkpoint.read_marker(tag_dir):
+        return  # resumed here and stopped before another step: this checkpoint is the state
     path, seconds, size = checkpoint.save(run.engine, cfg.output_dir, state, run.tokenizer,
                                           run.probe_ids)
     sink.message(f"saved {path} in {seconds:.1f}s ({size / 2**20:.1f} MiB)")
@@ -312,7 +315,12 @@ def run_eval(run: Run) -> None:
 
 def finish(run: Run) -> dict[str, Any]:
     """Wait for the final consolidation, print the summary, close the sinks."""
-    state = run.state
+    state, cfg = run.state, run.cfg
+    final = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.tag_for(state.step)
+    if (cfg.consolidate != "none" and state.step == cfg.max_steps and not run.stopped
+            and state.step == run.resumed_at and not (final / "consolidated").exists()):
+        # Resumed at the very end, e.g. after the final consolidation was killed with the job.
+        run.consolidator.start(final)
     consolidated = run.consolidator.wait()  # rank 0 only; the other ranks are free to exit
     tps = run.tokens_per_s
     summary = dict(output_dir=str(run.cfg.output_dir),
