@@ -252,21 +252,14 @@ class ZeroCheckpoint:
         return torch.float32
 
     def gather(self, name: str) -> torch.Tensor:
-        """The full fp32 value of one parameter, from every rank's partition."""
-        offset, part = self.offsets[name]
-        end, shape = offset + part, self.param_shapes[name]
-        # Rank r holds elements [r*part, (r+1)*part) of the padded flat parameter; copy each
-        # piece into one preallocated buffer so peak memory is one parameter, not two.
-        full = torch.empty(part * self.world_size, dtype=self.flat_groups[0][0].storage.dtype)
+        """The full fp32 value of one parameter (for verification; the writer streams)."""
+        shape = self.param_shapes[name]
+        full = torch.empty(shape.numel(), dtype=self.flat_groups[0][0].storage.dtype)
         pos = 0
-        for shard, groups in zip(self.shards, self.flat_groups, strict=True):
-            for g, flat in enumerate(groups):
-                lo, hi = max(offset, self.group_starts[g]), min(end, self.group_starts[g + 1])
-                if lo < hi:
-                    base = self.group_starts[g]
-                    full[pos:pos + hi - lo] = shard.read(flat, lo - base, hi - base)
-                    pos += hi - lo
-        return full[: shape.numel()].view(shape)
+        for chunk in self.iter_chunks(name):
+            full[pos:pos + chunk.numel()] = chunk
+            pos += chunk.numel()
+        return full.view(shape)
 
     def iter_chunks(self, name: str, max_elems: int = 1 << 24) -> Any:
         """Yield the fp32 values of one parameter in order, at most max_elems at a time.
