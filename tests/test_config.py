@@ -218,3 +218,11 @@ def test_train_entry_exits_2_on_bad_flag_before_loading(tmp_path):
     lines = [x for x in out.stderr.splitlines() if x.startswith("qsft: error:")]
     assert lines and "--learning_rate" in lines[0]
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_help_lists_every_flag():
+    out = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in ("--model_size", "--warmup_steps", "--save_steps", "--no-packing", "--keep_last"):
+        assert flag in out.stdout

@@ -149,6 +149,10 @@ class _OneLineParser(argparse.ArgumentParser):
         raise ConfigError(message.replace("unrecognized arguments", "unknown flag"))
 
 
+def _help(field: Any) -> str:
+    return (field.description or "").replace("%", "%%")  # argparse formats help with %
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The training command line; only flags the user gives reach the pydantic model."""
     p = _OneLineParser(prog="train.py", argument_default=argparse.SUPPRESS, allow_abbrev=False,
@@ -157,11 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         flag = f"--{name}"
         if name in ("bf16", "packing", "gradient_checkpointing", "wandb", "overwrite",
                     "keep_best"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=field.description)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=_help(field))
         elif name == "save_every_n_steps":
-            p.add_argument(flag, "--save_steps", dest=name, help=field.description)
+            p.add_argument(flag, "--save_steps", dest=name, help=_help(field))
         else:
-            p.add_argument(flag, help=field.description)
+            p.add_argument(flag, help=_help(field))
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     p.add_argument("--local_rank", type=int, dest="_local_rank", help=argparse.SUPPRESS)
     return p
