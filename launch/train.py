@@ -33,7 +33,18 @@ def main(argv: list[str] | None = None) -> int:
         if dist.env_rank() == 0:
             print(f"qsft: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # A collective that failed because another rank died: let the watchdog name that rank
+        # (it prints one line and exits 1); otherwise this rank's own error propagates.
+        from trainer import watchdog
+
+        if watchdog.is_comm_error(e):
+            watchdog.wait_for_culprit()
+        raise
     finally:
+        from trainer import watchdog
+
+        watchdog.stop()
         dist.teardown()
 
 

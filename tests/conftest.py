@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -48,6 +49,44 @@ def start(script: str, args: list[str], nproc: int, tmp: Path,
     return subprocess.Popen(cmd, cwd=REPO, env={**run_env(tmp), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def start_node(node_rank: int, hostfile: Path, port: int, script: str, args: list[str],
+               tmp: Path, env: dict[str, str] | None = None, cwd: Path = REPO
+               ) -> subprocess.Popen:
+    """One "node" of a multi-node job on this machine: the per-node launcher mode.
+
+    `deepspeed --hostfile H --no_ssh --node_rank N --master_addr 127.0.0.1 --master_port P`
+    starts only this node's ranks (as srun does on a cluster); rank 0's node hosts the
+    rendezvous. Only loopback is addressed. Own session, like start().
+    """
+    cmd = [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank",
+           str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(REPO / script), *args]
+    return subprocess.Popen(cmd, cwd=cwd, env={**run_env(tmp), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def two_nodes(tmp: Path, script: str, args: list[str], timeout: int = 300,
+              env: dict[str, str] | None = None, cwds: tuple[Path, Path] = (REPO, REPO)
+              ) -> list[subprocess.CompletedProcess]:
+    """Run a 2-node job (node0 slots=1, node1 slots=1) to the end; returns each node's result."""
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    procs = [start_node(n, hostfile, port, script, args, tmp, env, cwds[n]) for n in (0, 1)]
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"2-node job hung for {timeout}s")
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, ""))
+    return results
 
 
 def launch(script: str, args: list[str], nproc: int, tmp: Path, timeout: int = 300,

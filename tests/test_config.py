@@ -179,7 +179,14 @@ BAD_FLAGS = {
     "bad resume": (["--resume", "/no/such/dir"], "--resume"),
     "bad overlong": (["--overlong", "wrap"], "--overlong"),
     "overwrite while resuming": (["--overwrite"], "--overwrite only applies with --resume none"),
+    "negative save interval": (["--save_steps", "-1"], "--save_every_n_steps"),
+    "keep without saves": (["--save_steps", "0", "--keep_last", "2"], "saves none"),
+    "zero rank timeout": (["--rank_timeout_s", "0"], "--rank_timeout_s"),
 }
+
+
+def test_save_every_0_means_no_checkpoints(tmp_path):
+    assert _run_cfg(tmp_path, "--save_steps", "0").save_every_n_steps == 0
 
 
 @pytest.mark.parametrize("name", list(BAD_FLAGS))

@@ -71,5 +71,8 @@ def test_flops_per_token_counts_matmul_params_and_causal_attention():
     assert flops_per_token(cfg, 200_000, 100) == 6 * 200_000 + 6 * 2 * 64 * 100
     cfg.tie_word_embeddings = False  # untied: the input lookup is not a matmul
     assert flops_per_token(cfg, 264_000, 100) == 6 * 200_000 + 6 * 2 * 64 * 100
+    # logits only at loss positions (a quarter of the tokens): the projection counts a quarter
+    assert flops_per_token(cfg, 264_000, 100, target_fraction=0.25) == (
+        6 * 136_000 + 6 * 64_000 * 0.25 + 6 * 2 * 64 * 100)
     peak, source = device_peak_flops(torch.float32)
     assert peak > 1e9 and "measured" in source

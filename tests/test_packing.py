@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trainer import attention
 from trainer.batching import Sampler, collate, collate_packed, pack_bfd
 from trainer.config import ASSETS_DIR
 from trainer.data import IGNORE_INDEX, load_records, tokenize_records
@@ -25,8 +26,19 @@ def _model(attn: str):
     # As in training (trainer.model): with a KV cache transformers does not look for packed
     # sequences in position_ids, and attention would cross example boundaries.
     config.use_cache = False
+    attention.register()
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                             attn_implementation=attn)
+
+
+def _extra(mb: dict, attn: str) -> dict:
+    """What the trainer adds to a packed micro-batch for its own attention (trainer.loop)."""
+    if attn == attention.NAME and "attention_mask" not in mb:
+        return {"packed_segments": attention.packed_segments(mb["position_ids"])}
+    return {}
+
+
+ATTNS = ["sdpa", "eager", attention.NAME]
 
 
 def test_bfd_places_every_example_once_within_capacity():
@@ -54,7 +66,7 @@ def test_collate_packed_restarts_positions_and_cuts_label_boundaries(data):
     assert "attention_mask" not in mb
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ATTNS)
 def test_packed_step_equals_unpacked_loss_and_gradients(data, attn):
     ts, tok = data
     examples = list(range(8))  # different lengths (37 to 240 tokens here)
@@ -63,7 +75,8 @@ def test_packed_step_equals_unpacked_loss_and_gradients(data, attn):
 
     def run(batches):
         model = _model(attn)
-        loss = sum(model(**mb, num_items_in_batch=n_items).loss for mb in batches)
+        loss = sum(model(**mb, **_extra(mb, attn), num_items_in_batch=n_items).loss
+                   for mb in batches)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -81,7 +94,7 @@ def test_packed_step_equals_unpacked_loss_and_gradients(data, attn):
         assert rel < 1e-5, (k, rel)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ATTNS)
 def test_no_attention_between_packed_examples(data, attn):
     ts, tok = data
     model = _model(attn).eval()
@@ -90,10 +103,34 @@ def test_no_attention_between_packed_examples(data, attn):
     changed = {k: v.clone() for k, v in mb.items()}
     changed["input_ids"][0, a:a + b] = torch.randint(10, 400, (b,))  # another middle example
     with torch.no_grad():
-        before, after = model(**mb).logits, model(**changed).logits
+        before = model(**mb, **_extra(mb, attn)).logits
+        after = model(**changed, **_extra(changed, attn)).logits
     assert torch.equal(before[0, :a], after[0, :a])  # earlier example: untouched
     assert torch.allclose(before[0, a + b:], after[0, a + b:], rtol=0, atol=1e-5)  # later one
     assert not torch.allclose(before[0, a:a + b], after[0, a:a + b])  # the changed one did
+
+
+def test_packed_attention_matches_the_masked_sdpa_path(data):
+    """Our per-example attention equals transformers' block-diagonal mask, several rows at once."""
+    ts, tok = data
+    bins = pack_bfd([len(x) for x in ts.input_ids], list(range(24)), capacity=512)
+    mb = collate_packed(bins[:3], ts, tok.pad_token_id)  # rows of unequal fill: tail padding
+    spans = attention.packed_segments(mb["position_ids"])
+    fills = [sum(len(ts.input_ids[i]) for i in b) for b in bins[:3]]
+    assert len(set(fills)) > 1  # so some row has tail padding: one more span
+    assert [len(r) for r in spans] == [len(b) + (f < max(fills))
+                                      for b, f in zip(bins[:3], fills, strict=True)]
+    ours, theirs = _model(attention.NAME), _model("sdpa")
+    theirs.load_state_dict(ours.state_dict())
+    out_ours = ours(**mb, packed_segments=spans, num_items_in_batch=1)
+    out_theirs = theirs(**mb, num_items_in_batch=1)
+    assert torch.allclose(out_ours.logits, out_theirs.logits, rtol=0, atol=1e-5)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert float((p.grad - q.grad).norm() / q.grad.norm()) < 1e-5, name
+    # Without the spans (evaluation, direct calls) it is transformers' masked sdpa exactly.
+    assert torch.equal(ours(**mb).logits, theirs(**mb).logits)
 
 
 def test_packed_sampler_visits_each_example_once_per_epoch_on_any_split(data):

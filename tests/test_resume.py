@@ -214,3 +214,34 @@ def test_elastic_resume_on_another_number_of_ranks(reference, tmp_path, src_rank
         assert got[step] == pytest.approx(ref[step], rel=ELASTIC_RTOL), step
     later = _samples(out)
     assert all(later[s] == _samples(src)[s] for s in range(SAVE + 1, STEPS + 1))
+
+
+def test_two_nodes_on_loopback_train_save_and_resume_like_one_node(reference, tmp_path):
+    """Two per-node launchers (--no_ssh --node_rank 0/1, a hostfile of two 1-slot hosts), killed
+    after the first checkpoint and started again: the same losses, data order and weights as
+    the single-node 2-rank reference, bit for bit."""
+    from tests.conftest import free_port, start_node, two_nodes
+
+    out = tmp_path / "run"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    nodes = [start_node(n, hostfile, port, "launch/train.py", _args(out), tmp_path)
+             for n in (0, 1)]
+    _wait_for(lambda: (out / "checkpoints" / f"checkpoint-{SAVE}" / "COMPLETE").exists(),
+              nodes[0])
+    logs = []
+    for node in nodes:
+        os.killpg(node.pid, signal.SIGKILL)
+        logs.append(node.communicate(timeout=60)[0])
+    # Each launcher started only its own node's rank of a 2-rank world.
+    assert "nnodes=2, num_local_procs=1, node_rank=0" in logs[0], logs[0][-2000:]
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in logs[1], logs[1][-2000:]
+    assert "world 2," in (out / "logs" / "training_log.txt").read_text()
+
+    results = two_nodes(tmp_path, "launch/train.py", _args(out))
+    for res in results:
+        assert res.returncode == 0, res.stdout[-3000:]
+    assert "dist_world_size=2" in results[1].stdout
+    assert f"at step {SAVE}" in results[0].stdout
+    _assert_same_run(out, reference, 0)

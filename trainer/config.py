@@ -66,7 +66,8 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     max_steps: int = Field(gt=0, description="optimizer steps to train")
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup; default 3% of steps")
-    save_every_n_steps: int = Field(gt=0, description="checkpoint interval in optimizer steps")
+    save_every_n_steps: int = Field(ge=0, description="checkpoint interval in optimizer steps; "
+                                    "0 = never save (throughput benchmarks only)")
     eval_steps: int = Field(gt=0, description="eval interval in optimizer steps")
     logging_steps: int = Field(gt=0, description="log interval in optimizer steps")
     max_seq_length: int = Field(ge=16, le=131072, description="tokens per training sequence")
@@ -87,6 +88,8 @@ class RunConfig(BaseModel):
     keep_best: bool = Field(False, description="with --keep_last: also keep the best-eval one")
     ds_config: Path | None = Field(None, description="override ds_configs/zero3_<size>.json")
     dist_timeout_s: int = Field(1800, gt=0, description="collective timeout before a rank fails")
+    rank_timeout_s: int = Field(60, gt=0, description="a rank with no heartbeat this long (died, "
+                                "node lost) stops the whole job")
 
     @model_validator(mode="before")
     @classmethod
@@ -109,6 +112,9 @@ class RunConfig(BaseModel):
         if self.overwrite and self.resume != "none":
             raise ValueError("--overwrite only applies with --resume none (start over); drop "
                              "it to continue the run")
+        if self.save_every_n_steps == 0 and (self.keep_last or self.keep_best):
+            raise ValueError("--keep_last/--keep_best need checkpoints; --save_every_n_steps 0 "
+                             "saves none")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: expected auto, none or a checkpoint dir")
         return self

@@ -5,7 +5,10 @@ multiplies (everything but the input embedding lookup; the output projection cou
 tied to it), L is the number of layers, d the hidden size and ℓ the mean example length: a
 causal, block-diagonal attention scores and mixes on average ℓ/2 earlier positions per token, at
 2·2·d FLOPs each forward and twice that backward (PaLM's accounting, halved for causality).
-Recomputation (gradient checkpointing) is not counted: MFU measures useful work.
+The output projection (vocab × d) counts only for the share of tokens that are loss positions:
+the trainer computes logits nowhere else (trainer/loop.summed_loss), so counting it for prompt
+tokens would credit work never done. Recomputation (gradient checkpointing) is not counted
+either: MFU measures useful work.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                  "A10G": 125e12, "L4": 121e12}
 
 
-def flops_per_token(config: Any, num_params: int, mean_example_len: float) -> float:
+def flops_per_token(config: Any, num_params: int, mean_example_len: float,
+                    target_fraction: float = 1.0) -> float:
     embed = config.vocab_size * config.hidden_size
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    matmul_params = num_params if tied else num_params - embed
+    body = num_params - embed if tied else num_params - 2 * embed  # decoder layers + final norm
     attention = 6 * config.num_hidden_layers * config.hidden_size * mean_example_len
-    return 6 * matmul_params + attention
+    return 6 * body + 6 * embed * target_fraction + attention
 
 
 def device_peak_flops(dtype: torch.dtype) -> tuple[float, str]:

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint, dist, versions
+from trainer import attention, checkpoint, dist, preflight, versions, watchdog
 from trainer.batching import Sampler, eval_batches
-from trainer.config import RunConfig, resolve_ds_config
+from trainer.config import ConfigError, RunConfig, resolve_ds_config
 from trainer.consolidate import BackgroundConsolidator, NullConsolidator
-from trainer.data import TokenizedSet, load_records, tokenize_records
+from trainer.data import DataError, TokenizedSet, load_records, tokenize_records
 from trainer.flops import device_peak_flops, flops_per_token
 from trainer.metrics import MetricsSink, NullSink
 from trainer.model import build_model, count_parameters, load_tokenizer
@@ -59,7 +59,7 @@ def build_optimizer(model: Any, cfg: RunConfig, ds_config: dict[str, Any]) -> An
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             fused=torch.cuda.is_available())
+                             fused=True)
 
 
 @dataclass
@@ -83,6 +83,7 @@ class Run:
     hf_ds_config: Any = None  # keeps transformers' ZeRO-3 hook alive for the run
     flops_per_token: float = 0.0
     peak_flops: float = 0.0  # one device
+    mfu: list[float] = field(default_factory=list)  # per logged window
     tokens_per_s: list[float] = field(default_factory=list)
     stopped: bool = False  # stopped early on request (signal or STOP file)
     train_seconds: float = 0.0  # time in logged training windows: no setup, eval is excluded
@@ -102,17 +103,27 @@ def setup(cfg: RunConfig) -> Run:
 
     wall0 = time.perf_counter()
     world = dist.env_world_size()
-    # Everything that can be wrong with the input is checked before the process group and model.
-    ds_config = resolve_ds_config(cfg, world)
-    tokenizer = load_tokenizer(cfg.model_dir)
-    train_set, eval_set = prepare_data(cfg, tokenizer)
-    resume_from = checkpoint.find_resume_point(cfg)
+    # Everything that can be wrong with the input is checked before the model is loaded. Each
+    # rank checks on its own, then the outcomes are gathered (trainer.preflight): a path that
+    # one node cannot read fails every rank at once, with one line naming that rank.
+    local_error: Exception | None = None
+    try:
+        ds_config = resolve_ds_config(cfg, world)
+        tokenizer = load_tokenizer(cfg.model_dir)
+        train_set, eval_set = prepare_data(cfg, tokenizer)
+        resume_from = checkpoint.find_resume_point(cfg)
+    except (ConfigError, DataError) as e:
+        local_error = e
+    dist.init(cfg.dist_timeout_s)
+    preflight.gather_errors(local_error)
+    preflight.check_output_dir(cfg.output_dir)
+    if world > 1:
+        watchdog.start(cfg.rank_timeout_s)
     if resume_from is not None and resume_from.world_size != world:
         # Another number of ranks: DeepSpeed loads the universal copy of the checkpoint.
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     ds_config_file = json.loads(json.dumps(ds_config))  # DeepSpeed mutates the dict it is given
 
-    dist.init(cfg.dist_timeout_s)
     if cfg.resume == "none" and cfg.overwrite:
         checkpoint.clear_previous_run(cfg.output_dir)
     sampler = Sampler(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, world,
@@ -156,8 +167,9 @@ def setup(cfg: RunConfig) -> Run:
     probe_ids = torch.tensor([probe_set.input_ids[0][:64]])
     run = Run(cfg, engine, scheduler, tokenizer, train_set, eval_set, sampler, state, sink,
               num_params, world, wall0, probe_ids, consolidator, hf_ds_config)
-    run.flops_per_token = flops_per_token(model.config, num_params,
-                                          train_set.stats["tokens"] / len(train_set))
+    run.flops_per_token = flops_per_token(
+        model.config, num_params, train_set.stats["tokens"] / len(train_set),
+        train_set.stats["label_tokens"] / max(1, train_set.stats["tokens"]))
     with torch.random.fork_rng():  # measuring must not consume the restored random streams
         run.peak_flops, source = device_peak_flops(dtype)
     run.resumed_at = state.step if resume_from is not None else -1
@@ -170,16 +182,37 @@ def forward_backward(engine: Any, micro_batch: dict[str, torch.Tensor], num_item
                      ) -> torch.Tensor:
     """One micro-batch: forward and backward; returns its summed token CE (detached, float64).
 
-    The model returns sum(token CE) / num_items. DeepSpeed's backward then divides by the
-    accumulation steps and its gradient reduction averages over ranks, so passing
+    The loss is sum(token CE) / num_items. DeepSpeed's backward then divides by the accumulation
+    steps and its gradient reduction averages over ranks, so passing
     num_items = (target tokens of the whole optimizer step, all ranks) / (world x accum) makes
     the step's gradient that of the mean over ALL its target tokens — not a mean of
     per-micro-batch means, which would overweight short examples.
     """
-    micro_batch = {k: v.to(engine.device) for k, v in micro_batch.items()}
-    loss = engine(**micro_batch, num_items_in_batch=num_items, use_cache=False).loss
-    engine.backward(loss)
-    return loss.detach().double() * num_items
+    loss_sum = summed_loss(engine, micro_batch, engine.device)
+    engine.backward(loss_sum / num_items)
+    return loss_sum.detach().double()
+
+
+def summed_loss(model: Any, micro_batch: dict[str, torch.Tensor], device: Any) -> torch.Tensor:
+    """Summed target-token cross-entropy of a micro-batch (a graph to backpropagate).
+
+    Our own loss instead of the model's: the output projection and the cross-entropy run only at
+    positions whose next token is a target (`logits_to_keep`), not over the prompts too. With
+    Qwen2.5's 151,936-row vocabulary the projection is ~15% of a 1.5B model's FLOPs and its fp32
+    logits are the largest activation, so skipping the prompt positions saves both. The math is
+    that of transformers' causal-LM loss (fp32 logits, shift by one, summed). Packed rows also
+    get their example boundaries for trainer.attention (one host-side pass, no device sync).
+    """
+    extra: dict[str, Any] = {}
+    if "position_ids" in micro_batch and "attention_mask" not in micro_batch:  # packed rows
+        extra["packed_segments"] = attention.packed_segments(micro_batch["position_ids"])
+    batch = {k: v.to(device) for k, v in micro_batch.items()}
+    targets = batch.pop("labels")[:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)  # same positions for every row
+    logits = model(**batch, **extra, logits_to_keep=keep, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=-100,
+        reduction="sum")
 
 
 def fit(run: Run) -> None:
@@ -230,6 +263,9 @@ def fit(run: Run) -> None:
                           tokens_seen=state.tokens_seen,
                           epoch=state.step / run.sampler.steps_per_epoch,
                           elapsed_s=time.perf_counter() - run.wall0)
+            if torch.cuda.is_available():  # this rank's peak since the start, allocator view
+                record["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            run.mfu.append(record["mfu"])
             sink.log_step(record)
             sink.progress(state.step, {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}",
                                        "tok/s": f"{record['tokens_per_s']:.0f}",
@@ -241,12 +277,14 @@ def fit(run: Run) -> None:
             run_eval(run)
         # Stop together: one scalar all-reduce per step, so no rank leaves a collective hanging.
         stopping = dist.any_rank(stop.requested())
-        if state.step % cfg.save_every_n_steps == 0 or state.step == cfg.max_steps or stopping:
+        if cfg.save_every_n_steps and (state.step % cfg.save_every_n_steps == 0
+                                       or state.step == cfg.max_steps or stopping):
             save(run)
         window["t0"] += time.perf_counter() - paused
         if stopping:
-            sink.message(f"stopped at step {state.step} ({stop.reason}); resume with "
-                         f"--resume auto")
+            sink.message(f"stopped at step {state.step} ({stop.reason}); " + (
+                "resume with --resume auto" if cfg.save_every_n_steps else
+                "nothing saved (--save_every_n_steps 0)"))
             stop.clear()
             run.stopped = True
             break
@@ -321,15 +359,20 @@ def finish(run: Run) -> dict[str, Any]:
             and state.step == run.resumed_at and not (final / "consolidated").exists()):
         # Resumed at the very end, e.g. after the final consolidation was killed with the job.
         run.consolidator.start(final)
+    watchdog.stop()  # every rank stops watching before any may exit (rank 0 hosts the store)
+    dist.barrier()
     consolidated = run.consolidator.wait()  # rank 0 only; the other ranks are free to exit
     tps = run.tokens_per_s
     summary = dict(output_dir=str(run.cfg.output_dir),
                    consolidated=str(consolidated) if consolidated else None,
                    steps=state.step, wall_s=time.perf_counter() - run.wall0,
                    tokens_per_s=sum(tps) / len(tps) if tps else float("nan"),
+                   mfu=sum(run.mfu) / len(run.mfu) if run.mfu else float("nan"),
                    eval=state.eval_history, stopped=run.stopped,
                    train_seconds=run.train_seconds, examples_seen=state.examples_seen,
                    tokens_seen=state.tokens_seen)
+    if torch.cuda.is_available():
+        summary["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     run.sink.write_summary(summary)
     run.sink.message(format_summary(summary))
     run.sink.close()

@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+from trainer import attention
+from trainer.config import ConfigError
+
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
 
 
@@ -15,9 +18,16 @@ def has_weights(model_dir: Path) -> bool:
 
 
 def load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
+    """The tokenizer, after checking that the model's config loads too (a ConfigError if not)."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    for what, loader in (("model config", AutoConfig), ("tokenizer", AutoTokenizer)):
+        try:
+            loaded = loader.from_pretrained(str(model_dir))
+        except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{model_dir}: cannot load the {what}: {first}") from None
+    tok = loaded
     if tok.pad_token_id is None:
         # Qwen2.5 ships <|endoftext|> as pad; for a tokenizer without one, padding with EOS is
         # safe because pad positions are masked out of attention and loss.
@@ -41,7 +51,7 @@ def build_model(model_dir: Path, ds_config: dict[str, Any], dtype: torch.dtype,
     set_seed(seed)  # same init on every rank, whatever the launch order
     config = AutoConfig.from_pretrained(str(model_dir))
     config.use_cache = False  # no KV cache in training (and required by gradient checkpointing)
-    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    kwargs = dict(dtype=dtype, attn_implementation=attention.register())
     if has_weights(model_dir):
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, **kwargs)
     else:

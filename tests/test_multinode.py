@@ -1,0 +1,96 @@
+"""Multi-node behaviour on one machine (loopback only): preflight checks and a dead rank.
+
+Two per-node launchers (`deepspeed --hostfile H --no_ssh --node_rank N`) make a 2-node job, the
+way srun runs one launcher per node on a cluster. The exact-resume test across two such nodes
+lives with the other resume tests (tests/test_resume.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import free_port, start_node, two_nodes
+
+pytestmark = pytest.mark.multirank
+
+
+def _tiny(out: Path | str, *extra: str) -> list[str]:
+    return ["--model_size", "tiny", "--output_dir", str(out), "--max_steps", "400",
+            "--save_steps", "1000", "--eval_steps", "1000", "--logging_steps", "1", *extra]
+
+
+def test_output_dir_not_shared_by_the_nodes_fails_in_seconds(tmp_path):
+    """A relative --output_dir resolved in a different directory on each node stands for a
+    node-local path: rank 0 cannot see rank 1's probe file."""
+    cwds = (tmp_path / "node0", tmp_path / "node1")
+    for d in cwds:
+        d.mkdir()
+    t0 = time.time()
+    results = two_nodes(tmp_path, "launch/train.py", _tiny("run"), cwds=cwds, timeout=180)
+    assert time.time() - t0 < 120
+    for res in results:
+        assert res.returncode == 2, res.stdout[-3000:]
+    lines = [ln for ln in results[0].stdout.splitlines() if ln.startswith("qsft: ")]
+    assert len(lines) == 1, results[0].stdout[-3000:]
+    assert "cannot see files written by rank 1" in lines[0] and "shared" in lines[0]
+    assert not (cwds[0] / "run" / "checkpoints").exists()  # nothing loaded, nothing written
+
+
+def test_input_only_one_node_can_read_fails_on_every_rank_naming_it(tmp_path):
+    """--train_file given relative: present under node0's directory, missing under node1's."""
+    cwds = (tmp_path / "node0", tmp_path / "node1")
+    for d in cwds:
+        d.mkdir()
+    src = Path(__file__).resolve().parent.parent / "trainer" / "assets" / "q_sft_train.jsonl"
+    (cwds[0] / "train.jsonl").write_text(src.read_text())
+    results = two_nodes(tmp_path, "launch/train.py",
+                        _tiny(tmp_path / "run", "--train_file", "train.jsonl"), cwds=cwds,
+                        timeout=180)
+    for res in results:
+        assert res.returncode == 2, res.stdout[-3000:]
+    line = [ln for ln in results[0].stdout.splitlines() if ln.startswith("qsft: ")]
+    assert len(line) == 1 and "rank 1 on" in line[0] and "train.jsonl" in line[0], line
+
+
+def _rank_of(node) -> psutil.Process:
+    for p in psutil.Process(node.pid).children(recursive=True):
+        cmd = " ".join(p.cmdline())
+        if "launch/train.py" in cmd and "deepspeed.launcher" not in cmd:
+            return p
+    raise AssertionError("no rank process")
+
+
+def test_a_dead_rank_on_another_node_stops_the_job_naming_it(tmp_path):
+    out = tmp_path / "run"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    args = _tiny(out, "--rank_timeout_s", "8")
+    nodes = [start_node(n, hostfile, port, "launch/train.py", args, tmp_path) for n in (0, 1)]
+    metrics = out / "logs" / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and any("loss" in json.loads(x)
+                                        for x in metrics.read_text().splitlines())):
+        assert nodes[0].poll() is None and time.time() - t0 < 240, "training did not start"
+        time.sleep(0.2)
+    _rank_of(nodes[1]).send_signal(signal.SIGKILL)
+    killed = time.time()
+    try:
+        text, _ = nodes[0].communicate(timeout=90)
+    finally:
+        for node in nodes:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        nodes[1].communicate(timeout=30)
+    assert nodes[0].returncode != 0
+    assert time.time() - killed < 8 + 30  # the timeout, a few heartbeats and the launcher
+    assert "rank 1 on" in text and "no heartbeat" in text, text[-3000:]
