@@ -28,5 +28,6 @@ setup(
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
                     "bench": ["trl>=1.0"]},
     entry_points={"console_scripts": ["qsft-config=trainer.config:main",
-                                      "qsft-consolidate=trainer.consolidate:main"]},
+                                      "qsft-consolidate=trainer.consolidate:main",
+                                      "qsft-plan=trainer.plan:main"]},
 )

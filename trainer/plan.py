@@ -1,0 +1,394 @@
+"""Memory planner: will this run fit, per GPU and per node, before anything is launched?
+
+    plan --model_size 32b --num_nodes 4 --gpus_per_node 8 [--offload cpu] [--gpu_mem 80GB] ...
+
+Needs no GPU and loads no weights: the parameter count comes from the model config (the shipped
+Qwen2.5 shapes, or --base_model DIR/config.json) by arithmetic. Exit 0 when it fits, 3 when it
+does not (after naming the smallest change that makes it fit), 2 on bad input.
+
+The model states (parameters, gradients, optimizer states, the gather buffer) are DeepSpeed's
+own ZeRO-3 accounting, `estimate_zero3_model_states_mem_needs`, split into its parts; a test
+holds our numbers equal to DeepSpeed's. Everything else is ours, stated here:
+
+activations, per GPU, bytes = micro_batch x seq x (layers x A + final norm) + logits, where A, the
+bytes one Qwen2 decoder layer saves for backward per token (e = bytes per element of the
+training dtype, h hidden, kv = key/value width, i intermediate, a heads), is
+
+    A = 8h + e(9h + 4kv + 4i) + 4a
+
+  - each RMSNorm (two per layer) saves its input upcast to fp32 (4h), the normalised value and
+    the output in the training dtype (2eh);                                     -> 8h + 4eh
+  - attention saves q and k before and after rotary plus their rotate_half copies, v, the SDPA
+    output and the o_proj input (5h + 4kv elements) and SDPA's log-sum-exp (4a);  -> e(5h+4kv)+4a
+  - the SwiGLU MLP saves gate, silu(gate), up and their product (4i elements).    -> 4ei
+
+The logits term: our loss projects only the positions whose next token is trained on
+(--target_fraction of the tokens, 1.0 to be safe), and each such position holds the logits in
+the training dtype, their fp32 log-probabilities and one fp32 gradient: (e + 8) x vocab bytes.
+With gradient checkpointing a layer keeps only its input (e·h per token); on top of that either
+the logits (at the start of backward) or one layer's recomputed A (during its backward) is live,
+never both, so the larger of the two counts. Tested against the peak of live memory measured on
+CPU for the tiny model (tests/scripts/activation_peak.py), with and without checkpointing.
+
+Working memory beyond that: DeepSpeed's prefetch and reduce buckets from the DeepSpeed config,
+and a fixed allowance for the CUDA context, NCCL and allocator fragmentation (--overhead_gb).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from trainer.config import (
+    ASSETS_DIR,
+    DS_CONFIG_DIR,
+    MODEL_SIZES,
+    ConfigError,
+    _OneLineParser,
+    load_ds_config,
+)
+
+GB = 1e9  # decimal, as GPU datasheets count (an "80GB" card)
+
+# Qwen2.5 public configs (DESIGN.md's table); vocab 151,936 for all.
+QWEN25 = {
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True),
+    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, intermediate_size=11008, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False),
+    "14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+                num_key_value_heads=8, intermediate_size=13824, tie_word_embeddings=False),
+    "32b": dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, intermediate_size=27648, tie_word_embeddings=False),
+}
+VOCAB = 151936
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> Shape:
+        try:
+            return cls(hidden=int(c["hidden_size"]), layers=int(c["num_hidden_layers"]),
+                       heads=int(c["num_attention_heads"]),
+                       kv_heads=int(c.get("num_key_value_heads", c["num_attention_heads"])),
+                       intermediate=int(c["intermediate_size"]),
+                       vocab=int(c.get("vocab_size", VOCAB)),
+                       tied=bool(c.get("tie_word_embeddings", False)))
+        except KeyError as e:
+            raise ConfigError(f"model config: missing key {e.args[0]!r}") from None
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def layer_params(self) -> int:
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        attention = h * h + h + 2 * (h * kv + kv) + h * h  # q (bias), k, v (bias), o
+        return attention + 3 * h * i + 2 * h  # gate, up, down; two RMSNorm weights
+
+    def total_params(self) -> int:
+        embed = self.vocab * self.hidden
+        return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+    def largest_layer_params(self) -> int:
+        """The most parameters one module holds directly (DeepSpeed's 'largest layer')."""
+        h = self.hidden
+        return max(self.vocab * h, h * self.intermediate, h * h + h)
+
+    def activation_bytes_per_token_layer(self, e: int) -> int:
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return 8 * h + e * (9 * h + 4 * kv + 4 * i) + 4 * self.heads
+
+
+@dataclass(frozen=True)
+class Setup:
+    num_nodes: int
+    gpus_per_node: int
+    micro_batch: int
+    seq: int
+    gradient_checkpointing: bool
+    offload: str  # none | cpu | nvme
+    bf16: bool
+    gpu_mem: float  # bytes
+    target_fraction: float = 1.0
+    overhead: float = 1.5 * GB
+    prefetch_bucket: int = 0  # elements, from the DeepSpeed config
+    reduce_bucket: int = 0
+
+    @property
+    def gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+@dataclass
+class Estimate:
+    rows: dict[str, float]  # per-GPU bytes by part
+    gpu_total: float
+    cpu_per_node: float
+    checkpoint_disk: float
+    consolidated_disk: float
+    consolidation_ram: float
+    fits: bool
+
+
+def estimate(shape: Shape, s: Setup) -> Estimate:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    n, w = shape.total_params(), s.gpus
+    e = 2 if s.bf16 else 4
+    largest = shape.largest_layer_params()
+    offload_opt = s.offload in ("cpu", "nvme")
+    offload_params = s.offload == "nvme"  # nvme: parameters and optimizer states both leave GPU
+    cpu_ds, _, gather = estimate_zero3_model_states_mem_needs(
+        total_params=n, largest_layer_params=largest, num_gpus_per_node=s.gpus_per_node,
+        num_nodes=s.num_nodes, cpu_offload=offload_opt, cpu_offload_params=offload_params)
+    # DeepSpeed's 18 bytes/param: bf16 parameter shard 2, fp32 gradient shard 4, fp32 master
+    # weights + Adam moments 12. Offload moves the last two (and, for nvme, the first) off GPU.
+    params = 0.0 if offload_params else 2 * n / w
+    grads = 0.0 if offload_opt else 4 * n / w
+    optim = 0.0 if offload_opt else 12 * n / w
+
+    tokens = s.micro_batch * s.seq
+    per_layer = shape.activation_bytes_per_token_layer(e)
+    norm = 4 * shape.hidden + 2 * e * shape.hidden  # the final RMSNorm
+    logits = int(tokens * s.target_fraction) * (e + 8) * shape.vocab
+    if s.gradient_checkpointing:
+        # Saved: each layer's input. Live on top, never together: the loss's logits (before the
+        # layers' backward) or one layer's recomputed activations (during its backward).
+        activations = tokens * (shape.layers * e * shape.hidden + norm)
+        logits = max(logits, tokens * per_layer)
+    else:
+        activations = tokens * (shape.layers * per_layer + norm)
+    buckets = s.prefetch_bucket * e + s.reduce_bucket * 4
+    rows = {"parameters": params, "gradients": grads, "optimizer states": optim,
+            "ZeRO-3 gather buffer (largest layer)": gather, "activations": activations,
+            "logits + loss": logits, "prefetch/reduce buckets": buckets,
+            "CUDA context, NCCL, fragmentation": s.overhead}
+    gpu_total = float(sum(rows.values()))
+    # CPU per node: DeepSpeed's figure for offload (it includes its 1.5x pinned-buffer factor);
+    # without offload it is the model-loading peak it reports. nvme: the states live on disk and
+    # the CPU holds staging buffers, about the offloaded parameters' working set.
+    cpu = float(cpu_ds) if s.offload != "nvme" else 1.5 * 4 * largest * s.gpus_per_node
+    return Estimate(rows=rows, gpu_total=gpu_total, cpu_per_node=cpu,
+                    checkpoint_disk=float(14 * n), consolidated_disk=float(e * n),
+                    consolidation_ram=0.5 * GB, fits=gpu_total <= s.gpu_mem)
+
+
+def smallest_fix(shape: Shape, s: Setup, max_nodes: int = 256) -> tuple[str, Estimate] | None:
+    """The least disruptive change that fits, in the order a user would try them: one change
+    (checkpointing, a smaller micro batch, the fewest extra nodes, offload), then gradient
+    checkpointing together with each of the others."""
+    def changes(base: Setup) -> list[tuple[str, Setup]]:
+        out: list[tuple[str, Setup]] = []
+        mb = base.micro_batch // 2
+        while mb >= 1:
+            out.append((f"--batch_size {mb} (raise --gradient_accumulation_steps to keep the "
+                        f"global batch)", replace(base, micro_batch=mb)))
+            mb //= 2
+        for nodes in range(base.num_nodes + 1, max_nodes + 1):
+            out.append((f"{nodes} nodes x {base.gpus_per_node} GPUs ({nodes * base.gpus_per_node}"
+                        f" GPUs)", replace(base, num_nodes=nodes)))
+        if base.offload == "none":
+            out.append(("--offload cpu (optimizer states and fp32 gradients in CPU RAM: "
+                        "ds_configs/zero3_<size>_offload.json)", replace(base, offload="cpu")))
+        if base.offload != "nvme":
+            out.append(("--offload nvme (parameters and optimizer states on local NVMe)",
+                        replace(base, offload="nvme")))
+        return out
+
+    candidates = []
+    if not s.gradient_checkpointing:
+        gc = replace(s, gradient_checkpointing=True)
+        candidates.append(("--gradient_checkpointing", gc))
+    candidates += changes(s)
+    if not s.gradient_checkpointing:
+        candidates += [(f"--gradient_checkpointing and {text}", cand)
+                       for text, cand in changes(gc)]
+    for text, cand in candidates:
+        est = estimate(shape, cand)
+        if est.fits:
+            return text, est
+    return None
+
+
+def parse_size(text: str) -> float:
+    """'80GB', '80GiB', '80' (GB) -> bytes."""
+    t = text.strip().upper()
+    for suffix, mult in (("GIB", 2**30), ("GB", GB), ("G", GB), ("TB", 1e12)):
+        if t.endswith(suffix):
+            t, factor = t[: -len(suffix)], mult
+            break
+    else:
+        factor = GB
+    try:
+        value = float(t)
+    except ValueError:
+        raise ConfigError(f"--gpu_mem {text!r}: expected a size like 80GB or 141GiB") from None
+    if value <= 0:
+        raise ConfigError(f"--gpu_mem {text!r}: must be positive")
+    return value * factor
+
+
+def read_hostfile(path: Path) -> list[tuple[str, int]]:
+    """DeepSpeed hostfile lines `host slots=N` (comments and blank lines allowed)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"--hostfile {path}: {e.strerror}") from None
+    hosts: list[tuple[str, int]] = []
+    for no, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots="):
+            raise ConfigError(f"{path}: line {no}: expected 'HOSTNAME slots=N', got {line!r}")
+        try:
+            slots = int(parts[1].removeprefix("slots="))
+        except ValueError:
+            slots = 0
+        if slots < 1:
+            raise ConfigError(f"{path}: line {no}: slots must be a positive integer")
+        if any(h == parts[0] for h, _ in hosts):
+            raise ConfigError(f"{path}: line {no}: host {parts[0]!r} listed twice")
+        hosts.append((parts[0], slots))
+    if not hosts:
+        raise ConfigError(f"{path}: no hosts")
+    return hosts
+
+
+def model_shape(size: str, base_model: Path | None) -> Shape:
+    if base_model is not None:
+        path = Path(base_model) / "config.json"
+        try:
+            return Shape.from_config(json.loads(path.read_text()))
+        except OSError as e:
+            raise ConfigError(f"--base_model {base_model}: {e.strerror}: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    if size == "tiny":
+        return Shape.from_config(json.loads((ASSETS_DIR / "tiny_model" / "config.json")
+                                            .read_text()))
+    return Shape.from_config({**QWEN25[size], "vocab_size": VOCAB})
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:,.1f} GB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="plan", description="Per-GPU and per-node memory of a qsft "
+                                "ZeRO-3 run, and whether it fits; exit 0 fits, 3 does not.")
+    p.add_argument("--model_size", required=True, choices=MODEL_SIZES)
+    p.add_argument("--base_model", type=Path, help="read the shape from DIR/config.json")
+    p.add_argument("--hostfile", type=Path, help="DeepSpeed hostfile: nodes and slots")
+    p.add_argument("--num_nodes", type=int, default=1)
+    p.add_argument("--gpus_per_node", type=int, default=8)
+    p.add_argument("--ds_config", type=Path, help="default ds_configs/zero3_<size>.json")
+    p.add_argument("--offload", choices=("none", "cpu", "nvme"),
+                   help="default: what the DeepSpeed config says")
+    p.add_argument("--max_seq_length", type=int, default=4096)
+    p.add_argument("--batch_size", type=int, default=1, help="micro batch per GPU")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction,
+                   default=False)
+    p.add_argument("--gpu_mem", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB")
+    p.add_argument("--target_fraction", type=float, default=1.0,
+                   help="share of tokens that are loss targets (logits are computed only there)")
+    p.add_argument("--overhead_gb", type=float, default=1.5,
+                   help="CUDA context, NCCL buffers and fragmentation per GPU")
+    return p
+
+
+def setup_from_args(args: argparse.Namespace) -> tuple[Shape, Setup]:
+    for flag in ("num_nodes", "gpus_per_node", "max_seq_length", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1")
+    if not 0 < args.target_fraction <= 1:
+        raise ConfigError("--target_fraction must be in (0, 1]")
+    shape = model_shape(args.model_size, args.base_model)
+    ds_path = args.ds_config or DS_CONFIG_DIR / f"zero3_{args.model_size}.json"
+    ds = load_ds_config(ds_path)
+    zero = ds.get("zero_optimization", {})
+    offload = args.offload
+    if offload is None:
+        devices = {(zero.get(k) or {}).get("device", "none")
+                   for k in ("offload_optimizer", "offload_param")}
+        offload = "nvme" if "nvme" in devices else "cpu" if "cpu" in devices else "none"
+    if args.hostfile is not None:
+        hosts = read_hostfile(args.hostfile)
+        nodes, per_node = len(hosts), max(slots for _, slots in hosts)
+        if len({slots for _, slots in hosts}) > 1:
+            print(f"note: {args.hostfile}: nodes have different slot counts; planning for the "
+                  f"largest ({per_node}) per node", file=sys.stderr)
+    else:
+        nodes, per_node = args.num_nodes, args.gpus_per_node
+    return shape, Setup(num_nodes=nodes, gpus_per_node=per_node, micro_batch=args.batch_size,
+                        seq=args.max_seq_length, gradient_checkpointing=args.gradient_checkpointing,
+                        offload=offload, bf16=bool((ds.get("bf16") or {}).get("enabled", False)),
+                        gpu_mem=parse_size(args.gpu_mem), target_fraction=args.target_fraction,
+                        overhead=args.overhead_gb * GB,
+                        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 0)),
+                        reduce_bucket=int(zero.get("reduce_bucket_size", 0)))
+
+
+def report(shape: Shape, s: Setup, est: Estimate) -> str:
+    n = shape.total_params()
+    lines = [f"model: {n / 1e9:.2f}B parameters (hidden {shape.hidden}, {shape.layers} layers, "
+             f"vocab {shape.vocab}{', tied' if shape.tied else ''}); "
+             f"{s.num_nodes} node(s) x {s.gpus_per_node} GPUs = {s.gpus}; micro batch "
+             f"{s.micro_batch} x {s.seq} tokens; {'bf16' if s.bf16 else 'fp32'}; gradient "
+             f"checkpointing {'on' if s.gradient_checkpointing else 'off'}; offload {s.offload}",
+             "", "| per GPU | memory |", "|---|---|"]
+    lines += [f"| {k} | {_gb(v)} |" for k, v in est.rows.items()]
+    lines += [f"| **total** | **{_gb(est.gpu_total)}** of {_gb(s.gpu_mem)} |", "",
+              "| elsewhere | size |", "|---|---|",
+              f"| CPU RAM per node (model states{', offload' if s.offload != 'none' else ''}) "
+              f"| {_gb(est.cpu_per_node)} |",
+              f"| checkpoint on disk (ZeRO shards: 2 + 12 bytes/param) "
+              f"| {_gb(est.checkpoint_disk)} |",
+              f"| consolidated/ per checkpoint (training dtype) | {_gb(est.consolidated_disk)} |",
+              f"| consolidation peak RAM (streaming; bench/consolidate.py) "
+              f"| about {_gb(est.consolidation_ram)} |", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)  # bad flags raise ConfigError: one line, exit 2
+        shape, s = setup_from_args(args)
+        est = estimate(shape, s)
+    except ConfigError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
+    print(report(shape, s, est))
+    if est.fits:
+        print(f"FITS: {_gb(est.gpu_total)} per GPU of {_gb(s.gpu_mem)} "
+              f"({est.gpu_total / s.gpu_mem:.0%}).")
+        return 0
+    fix = smallest_fix(shape, s)
+    print(f"DOES NOT FIT: {_gb(est.gpu_total)} per GPU > {_gb(s.gpu_mem)}.")
+    if fix is None:
+        print("No single change found that fits; reduce --max_seq_length.")
+    else:
+        text, fixed = fix
+        print(f"Smallest change that fits: {text} -> {_gb(fixed.gpu_total)} per GPU.")
+    return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
