@@ -1,0 +1,140 @@
+"""GPU throughput: a Qwen2.5-1.5B-shaped model from random init, packed Q data, ZeRO-3, one GPU.
+
+Run through bench/gpu.sh, which installs the packages the GPU machine lacks from carried wheels.
+Trains the shipped Q training set packed into sequences of --seq tokens, bf16, micro batch 1,
+for --steps optimizer steps per variant (with and without gradient checkpointing), through the
+real launcher and trainer with checkpoints off (--save_every_n_steps 0). Reports non-padding
+tokens/s per GPU and MFU averaged over the logged windows after the first (warm-up), and the peak
+GPU memory the allocator saw. Prints a table and writes results.json to --workdir.
+
+The weights are random and the vocabulary is Qwen2.5's 151,936 rows; the token ids come from the
+shipped demo tokenizer (1,424 tokens), which changes what is learned, not the work per token.
+
+    bench/gpu.sh                       # on the GPU machine
+    python bench/gpu.py --shape smoke  # a CPU check of this script with a small model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "trainer" / "assets"
+# Qwen2.5-1.5B's public config (DESIGN.md's size table); "smoke" exercises the script on a CPU.
+SHAPES = {
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                 tie_word_embeddings=True, max_position_embeddings=32768,
+                 rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}),
+    "smoke": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=256, vocab_size=151936,
+                  tie_word_embeddings=True, max_position_embeddings=4096),
+}
+
+
+def make_model_dir(shape: str, out: Path) -> Path:
+    """Config + tokenizer, no weights: the trainer initialises from the config with the seed."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(ASSETS / "tiny_model", out)
+    (out / "model.safetensors").unlink(missing_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    config.update(SHAPES[shape])
+    config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
+    config["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_variant(model_dir: Path, out: Path, args: argparse.Namespace, gc: bool) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
+           "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
+           "--model_size", args.model_size, "--base_model", str(model_dir),
+           "--output_dir", str(out), "--max_steps", str(args.steps),
+           "--max_seq_length", str(args.seq), "--batch_size", "1",
+           "--gradient_accumulation_steps", "1", "--logging_steps", str(args.log_every),
+           "--save_every_n_steps", "0", "--consolidate", "none", "--resume", "none",
+           "--learning_rate", "2e-5", "--seed", "42",
+           "--gradient_checkpointing" if gc else "--no-gradient_checkpointing"]
+    if args.bf16:
+        cmd.append("--bf16")
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - t0
+    (out.parent / f"{out.name}.log").write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        tail = (res.stdout + res.stderr)[-3000:]
+        return dict(error=f"exit {res.returncode}", tail=tail, wall_s=wall)
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
+    summary = json.loads((out / "logs" / "summary.json").read_text())
+    return dict(tokens_per_s=sum(r["tokens_per_s"] for r in rows) / len(rows),
+                mfu=sum(r["mfu"] for r in rows) / len(rows),
+                padding=sum(r["padding"] for r in rows) / len(rows),
+                loss=rows[-1]["loss"], windows=len(rows),
+                gpu_peak_mem_gib=summary.get("gpu_peak_mem_gib"), wall_s=wall)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--log_every", type=int, default=5)
+    p.add_argument("--variants", default="no-gc,gc")
+    p.add_argument("--timeout", type=int, default=240, help="seconds per variant")
+    p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_gpu")
+    args = p.parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    args.bf16 = cuda
+    args.model_size = "1.5b" if args.shape == "1.5b" else "tiny"
+    device = torch.cuda.get_device_name() if cuda else "CPU (no GPU)"
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = make_model_dir(args.shape, args.workdir / f"model_{args.shape}")
+    results = dict(device=device, shape=args.shape, seq=args.seq, steps=args.steps,
+                   torch=torch.__version__, variants={})
+    for name in args.variants.split(","):
+        print(f"[gpu bench] {name} ...", flush=True)
+        r = run_variant(model_dir, args.workdir / name, args, gc=name == "gc")
+        results["variants"][name] = r
+        print(f"[gpu bench] {name}: {json.dumps({k: v for k, v in r.items() if k != 'tail'})}",
+              flush=True)
+        if "error" in r:
+            print(r["tail"], flush=True)
+    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{device}, {args.shape} shape, seq {args.seq}, micro batch 1, "
+          f"{'bf16' if args.bf16 else 'fp32'}, ZeRO-3, {args.steps} steps, torch "
+          f"{torch.__version__}\n")
+    print("| variant | tokens/s/GPU | MFU | peak GPU mem (GiB) | padding | wall (s) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results["variants"].items():
+        if "error" in r:
+            print(f"| {name} | {r['error']} | | | | {r['wall_s']:.0f} |")
+            continue
+        mem = r["gpu_peak_mem_gib"]
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | "
+              f"{'-' if mem is None else f'{mem:.1f}'} | {r['padding']:.1%} | "
+              f"{r['wall_s']:.0f} |")
+    sys.exit(1 if any("error" in r for r in results["variants"].values()) else 0)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
