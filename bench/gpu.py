@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -74,14 +75,22 @@ def run_variant(model_dir: Path, out: Path, args: argparse.Namespace, gc: bool) 
     if args.bf16:
         cmd.append("--bf16")
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+    # Own session: on a timeout the launcher *and* its rank are killed, freeing the GPU.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
+        proc.returncode = f"timeout after {args.timeout} s"
     wall = time.perf_counter() - t0
-    (out.parent / f"{out.name}.log").write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        tail = (res.stdout + res.stderr)[-3000:]
-        return dict(error=f"exit {res.returncode}", tail=tail, wall_s=wall)
+    (out.parent / f"{out.name}.log").write_text(text)
+    if proc.returncode != 0:
+        return dict(error=f"exit {proc.returncode}", tail=text[-3000:], wall_s=wall)
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
+    rows = [r for r in rows if "tokens_per_s" in r]
+    rows = rows[1:] or rows  # the first window includes warm-up, unless it is the only one
     summary = json.loads((out / "logs" / "summary.json").read_text())
     return dict(tokens_per_s=sum(r["tokens_per_s"] for r in rows) / len(rows),
                 mfu=sum(r["mfu"] for r in rows) / len(rows),

@@ -51,6 +51,7 @@ for size in "${SIZES[@]}"; do
         plan_hosts=(--num_nodes 1 --gpus_per_node "$GPUS_PER_NODE")
     else
         hosts=$(mktemp)
+        trap 'rm -f "$hosts"' EXIT
         grep -v '^\s*#' "$HOSTFILE" | grep . | head -n "$nodes" > "$hosts"
         (( $(wc -l < "$hosts") == nodes )) || { echo "$HOSTFILE: $size needs $nodes nodes" >&2; exit 2; }
         launcher=(deepspeed --hostfile "$hosts" --master_addr "$(head -n1 "$hosts" | cut -d' ' -f1)"
@@ -59,8 +60,8 @@ for size in "${SIZES[@]}"; do
     fi
     echo "== $size: ${launcher[*]}" >&2
     python launch/plan.py --model_size "$size" --base_model "$base" "${plan_hosts[@]}" \
-        --batch_size "$mb" --gpu_mem "$GPU_MEM" "${extra[@]}" || exit $?
+        --batch_size "$mb" --gpu_mem "$GPU_MEM" ${extra[@]+"${extra[@]}"} || exit $?
     "${launcher[@]}" launch/train.py --model_size "$size" --base_model "$base" \
         --train_file "$TRAIN" --eval_file "$EVAL" --output_dir "$OUT/$size/" \
-        --experiment_name "q-sft-$size" --bf16 --wandb "${extra[@]}"
+        --experiment_name "q-sft-$size" --bf16 --wandb ${extra[@]+"${extra[@]}"}
 done

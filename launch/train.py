@@ -23,29 +23,49 @@ warnings.filterwarnings("ignore", category=FutureWarning,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer import watchdog
+
     try:
-        cfg = parse_run_config(sys.argv[1:] if argv is None else argv)
+        cfg = _parse(sys.argv[1:] if argv is None else argv)
         from trainer.loop import train
 
         train(cfg)
         return 0
     except (ConfigError, DataError) as e:
+        watchdog.fail(e)  # only if it was running: a rank-local error after the preflight
         if dist.env_rank() == 0:
             print(f"qsft: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
+    except BaseException as e:
         # A collective that failed because another rank died: let the watchdog name that rank
-        # (it prints one line and exits 1); otherwise this rank's own error propagates.
-        from trainer import watchdog
-
+        # (it prints one line and exits 1). Otherwise this rank's own error: tell the other
+        # ranks at once (they stop naming this rank), then propagate it.
         if watchdog.is_comm_error(e):
             watchdog.wait_for_culprit()
+        watchdog.fail(e)
         raise
     finally:
-        from trainer import watchdog
-
         watchdog.stop()
         dist.teardown()
+
+
+def _parse(argv: list[str]):
+    """The run config; a flag that fails on some ranks only (a path one node lacks) fails all.
+
+    Every rank parses on its own. Where the launcher started several, a rank whose parse failed
+    joins the process group and the preflight's error gathering (trainer.loop.setup runs the
+    same collective on the ranks that parsed), so the whole job stops with one line naming the
+    rank, instead of the others waiting at the rendezvous.
+    """
+    try:
+        return parse_run_config(argv)
+    except ConfigError as e:
+        if dist.env_world_size() > 1:
+            from trainer import preflight
+
+            dist.init(1800)
+            preflight.gather_errors(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -94,3 +94,37 @@ def test_a_dead_rank_on_another_node_stops_the_job_naming_it(tmp_path):
     assert nodes[0].returncode != 0
     assert time.time() - killed < 8 + 30  # the timeout, a few heartbeats and the launcher
     assert "rank 1 on" in text and "no heartbeat" in text, text[-3000:]
+
+
+def test_a_rank_failing_with_an_error_stops_the_other_node_at_once_naming_it(tmp_path):
+    """Node 1's rank raises at step 3 (fault injection); node 0 must not wait for a timeout."""
+    out = tmp_path / "run"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    args = _tiny(out, "--rank_timeout_s", "120")
+    nodes = [start_node(n, hostfile, port, "launch/train.py", args, tmp_path,
+                        env={"QSFT_TEST_RAISE_AT_STEP": "3"} if n == 1 else None)
+             for n in (0, 1)]
+    ended: dict[int, float] = {}
+    t0 = time.time()
+    try:
+        while len(ended) < 2 and time.time() - t0 < 240:
+            for n, node in enumerate(nodes):
+                if n not in ended and node.poll() is not None:
+                    ended[n] = time.time()
+            time.sleep(0.2)
+        text = nodes[0].communicate(timeout=30)[0]
+    finally:
+        for node in nodes:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert len(ended) == 2 and nodes[0].returncode != 0 and nodes[1].returncode != 0
+    assert ended[0] - ended[1] < 30  # told at once: no waiting out --rank_timeout_s 120
+    line = [ln for ln in text.splitlines() if "stopping:" in ln]
+    assert line and "rank 1 on" in line[0] and "injected failure at step 3" in line[0], text[-3000:]
+    steps = [json.loads(x).get("step", 0) for x in
+             (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) <= 3  # nobody trained on past the failure

@@ -133,6 +133,25 @@ def test_packed_attention_matches_the_masked_sdpa_path(data):
     assert torch.equal(ours(**mb).logits, theirs(**mb).logits)
 
 
+def test_trainer_loss_on_packed_rows_equals_the_models_loss(data):
+    """trainer.loop.summed_loss (rows laid end to end, logits only at target positions, our
+    attention) against transformers' own loss and masked sdpa on the same 3-row batch."""
+    from trainer.loop import summed_loss
+
+    ts, tok = data
+    bins = pack_bfd([len(x) for x in ts.input_ids], list(range(30)), capacity=512)
+    mb = collate_packed(bins[:3], ts, tok.pad_token_id)
+    ours, theirs = _model(attention.NAME), _model("sdpa")
+    theirs.load_state_dict(ours.state_dict())
+    loss = summed_loss(ours, mb, "cpu")
+    ref = theirs(**mb, num_items_in_batch=1).loss  # sum of target-token CE
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=0), (float(loss), float(ref))
+    loss.backward()
+    ref.backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert float((p.grad - q.grad).norm() / q.grad.norm()) < 1e-5, name
+
+
 def test_packed_sampler_visits_each_example_once_per_epoch_on_any_split(data):
     ts, tok = data
     one = Sampler(ts, micro=1, accum=4, world=1, rank=0, seed=5, pad_id=0, pack_to=512)

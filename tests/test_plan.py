@@ -94,17 +94,17 @@ def _peak(batch: int, seq: int, gc: bool) -> int:
 
 @pytest.mark.parametrize("gc", [False, True])
 def test_activation_formula_matches_peak_memory_measured_on_cpu(gc):
-    """Tolerance 15%: the formula counts what backward keeps plus the logits or the recomputed
-    layer; the measured peak also holds short-lived temporaries (and sampling can miss a
-    sub-millisecond spike)."""
+    """Tolerance 20%. The formula is deliberately on the safe side (it counts every buffer a
+    layer's backward may hold at once); measured here it is 10% above the peak without
+    checkpointing and 15% above it with."""
     shape = plan.model_shape("tiny", None)
     batch, seq = 8, 512
     s = plan.Setup(num_nodes=1, gpus_per_node=1, micro_batch=batch, seq=seq,
                    gradient_checkpointing=gc, offload="none", bf16=False, gpu_mem=80 * plan.GB)
     rows = plan.estimate(shape, s).rows
-    predicted = rows["activations"] + rows["logits + loss"]
+    predicted = rows["activations"] + rows[plan.LOGITS_ROW]
     measured = _peak(batch, seq, gc)
-    assert measured == pytest.approx(predicted, rel=0.15), (measured / 2**20, predicted / 2**20)
+    assert measured == pytest.approx(predicted, rel=0.20), (measured / 2**20, predicted / 2**20)
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
@@ -124,7 +124,8 @@ def test_cli_fits_exit_0_and_prints_the_table():
 def test_cli_does_not_fit_exit_3_with_the_smallest_change(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode0 slots=8\nnode1 slots=8\n")
-    res = _plan("--model_size", "32b", "--hostfile", str(hostfile), "--gpu_mem", "80GB")
+    res = _plan("--model_size", "32b", "--hostfile", str(hostfile), "--gpu_mem", "80GB",
+                "--no-gradient_checkpointing")
     assert res.returncode == 3, res.stdout
     assert "2 node(s) x 8 GPUs = 16" in res.stdout
     assert "DOES NOT FIT" in res.stdout
@@ -135,6 +136,15 @@ def test_cli_does_not_fit_exit_3_with_the_smallest_change(tmp_path):
     res2 = _plan("--model_size", "32b", "--hostfile", str(hostfile), "--gpu_mem", "80GB",
                  "--gradient_checkpointing")
     assert res2.returncode == 0, res2.stdout
+
+
+def test_defaults_follow_the_trainers_per_size_defaults_and_mixed_hostfiles(tmp_path):
+    res = _plan("--model_size", "32b", "--num_nodes", "2", "--gpus_per_node", "8")
+    assert res.returncode == 0 and "gradient checkpointing on" in res.stdout  # 32b default
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=8\nb slots=4\n")
+    mixed = _plan("--model_size", "7b", "--hostfile", str(hostfile))
+    assert "2 node(s), 12 GPUs in all" in mixed.stdout, mixed.stdout
 
 
 def test_offload_moves_optimizer_states_to_cpu_ram():

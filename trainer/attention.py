@@ -52,11 +52,16 @@ def packed_sdpa_forward(module: Any, query: torch.Tensor, key: torch.Tensor,
                                       scaling=scaling, dropout=dropout, **kwargs)
     gqa = query.shape[1] != key.shape[1]
     rows = []
-    for b, spans in enumerate(packed_segments):
-        parts = [F.scaled_dot_product_attention(
-            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-            for s, e in spans]
+    # unbind + split, not slicing: their backward is one stack/cat, where each slice's backward
+    # would write a zero-filled full-size gradient per example and layer.
+    for q, k, v, spans in zip(query.unbind(0), key.unbind(0), value.unbind(0), packed_segments,
+                              strict=True):
+        lengths = [e - s for s, e in spans]
+        parts = [F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0),
+                                                vs.unsqueeze(0), dropout_p=dropout,
+                                                is_causal=True, scale=scaling, enable_gqa=gqa)
+                 for qs, ks, vs in zip(q.split(lengths, dim=1), k.split(lengths, dim=1),
+                                       v.split(lengths, dim=1), strict=True)]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None

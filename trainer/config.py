@@ -33,8 +33,10 @@ MODEL_SIZES: tuple[str, ...] = ("tiny", "1.5b", "3b", "7b", "14b", "32b")
 _SMALL = dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
               max_seq_length=4096, logging_steps=10, consolidate="final")
 # 14b/32b consolidate every checkpoint, as the original pipeline did.
+# They also checkpoint activations: without it neither fits 80 GB GPUs at 4096 tokens
+# (launch/plan.py: 14b needs 94 GB per GPU on 8 GPUs, 46 GB with it).
 _LARGE = dict(_SMALL, learning_rate=4e-6, save_every_n_steps=50, batch_size=1,
-              gradient_accumulation_steps=8, consolidate="every")
+              gradient_accumulation_steps=8, consolidate="every", gradient_checkpointing=True)
 SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(learning_rate=2e-3, max_steps=200, save_every_n_steps=100, eval_steps=25,
                  max_seq_length=512, batch_size=1, gradient_accumulation_steps=1,

@@ -6,6 +6,7 @@ world is one rank and collectives are identities.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any
@@ -39,7 +40,26 @@ def init(timeout_s: int) -> None:
     if torch.cuda.is_available():  # before any collective: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    _unlink_shm_segment()
 
+
+def _unlink_shm_segment() -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory segment once all ranks mapped it.
+
+    Our own because DeepSpeed 0.19.8's CPU communication op (csrc/cpu/comm/shm.cpp) creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (66 MiB) per rank at
+    init_distributed and never unlinks it: every CPU run, and every killed one, leaves its
+    segments in RAM-backed /dev/shm (here 327 of them, 22 GB, had filled the machine). Every rank
+    maps all segments inside init_distributed; after a barrier the names are no longer needed,
+    and unlinked segments are freed by the kernel when the last rank exits, however it exits.
+    """
+    if torch.cuda.is_available() or not is_initialized():
+        return
+    tdist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}"
+            f"_{os.environ.get('MASTER_PORT')}_{rank()}")
+    with contextlib.suppress(OSError):
+        os.unlink(name)
 
 def _free_port() -> int:
     import socket

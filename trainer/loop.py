@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from trainer.data import DataError, TokenizedSet, load_records, tokenize_records
 from trainer.flops import device_peak_flops, flops_per_token
 from trainer.metrics import MetricsSink, NullSink
 from trainer.model import build_model, count_parameters, load_tokenizer
+
+# Fault injection for the multi-node tests: the ranks that have it raise after this step.
+RAISE_ENV = "QSFT_TEST_RAISE_AT_STEP"
 
 
 def lr_lambda(warmup_steps: int, max_steps: int):
@@ -114,9 +118,12 @@ def setup(cfg: RunConfig) -> Run:
         resume_from = checkpoint.find_resume_point(cfg)
     except (ConfigError, DataError) as e:
         local_error = e
+    except OSError as e:  # e.g. a permission error on one node's copy of a path
+        local_error = ConfigError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
     dist.init(cfg.dist_timeout_s)
     preflight.gather_errors(local_error)
     preflight.check_output_dir(cfg.output_dir)
+    preflight.agree("resume point", str(resume_from.tag_dir) if resume_from else "none (start)")
     if world > 1:
         watchdog.start(cfg.rank_timeout_s)
     if resume_from is not None and resume_from.world_size != world:
@@ -205,10 +212,15 @@ def summed_loss(model: Any, micro_batch: dict[str, torch.Tensor], device: Any) -
     """
     extra: dict[str, Any] = {}
     if "position_ids" in micro_batch and "attention_mask" not in micro_batch:  # packed rows
+        # Rows end to end as one: they are independent (positions restart, every example's
+        # first label is ignored), so attention (per example) and the MLP (per token) see the
+        # same thing, and the logits below are kept at exactly each row's target positions.
+        micro_batch = {k: v.reshape(1, -1) for k, v in micro_batch.items()}
         extra["packed_segments"] = attention.packed_segments(micro_batch["position_ids"])
     batch = {k: v.to(device) for k, v in micro_batch.items()}
     targets = batch.pop("labels")[:, 1:]
-    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)  # same positions for every row
+    # Padded batches (several rows) keep the union of their rows' target positions.
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
     logits = model(**batch, **extra, logits_to_keep=keep, use_cache=False).logits
     return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=-100,
@@ -238,6 +250,8 @@ def fit(run: Run) -> None:
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             state.micro_step += 1
         state.step += 1
+        if os.environ.get(RAISE_ENV) == str(state.step):  # fault injection for the tests
+            raise RuntimeError(f"injected failure at step {state.step} ({RAISE_ENV})")
         state.consumed_samples += run.sampler.global_batch
         state.examples_seen += len(batches.sample_ids)
         sink.log_samples(state.step, batches.sample_ids)

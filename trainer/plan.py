@@ -25,9 +25,10 @@ training dtype, h hidden, kv = key/value width, i intermediate, a heads), is
 The logits term: our loss projects only the positions whose next token is trained on
 (--target_fraction of the tokens, 1.0 to be safe), and each such position holds the logits in
 the training dtype, their fp32 log-probabilities and one fp32 gradient: (e + 8) x vocab bytes.
-With gradient checkpointing a layer keeps only its input (e·h per token); on top of that either
-the logits (at the start of backward) or one layer's recomputed A (during its backward) is live,
-never both, so the larger of the two counts. Tested against the peak of live memory measured on
+One layer's backward holds e(3i + 2h) bytes per token of gradient buffers; the logits are gone
+by then, so the larger of the two counts. With gradient checkpointing a layer keeps only its
+input (e·h per token), and the larger of the logits and one recomputed layer (A plus its
+backward buffers) counts on top. Tested against the peak of live memory measured on
 CPU for the tiny model (tests/scripts/activation_peak.py), with and without checkpointing.
 
 Working memory beyond that: DeepSpeed's prefetch and reduce buckets from the DeepSpeed config,
@@ -47,11 +48,13 @@ from trainer.config import (
     ASSETS_DIR,
     DS_CONFIG_DIR,
     MODEL_SIZES,
+    SIZE_DEFAULTS,
     ConfigError,
     _OneLineParser,
     load_ds_config,
 )
 
+LOGITS_ROW = "logits + loss (or one layer's backward)"
 GB = 1e9  # decimal, as GPU datasheets count (an "80GB" card)
 
 # Qwen2.5 public configs (DESIGN.md's table); vocab 151,936 for all.
@@ -126,13 +129,14 @@ class Setup:
     bf16: bool
     gpu_mem: float  # bytes
     target_fraction: float = 1.0
+    total_gpus: int | None = None  # a hostfile's slots summed, when nodes differ
     overhead: float = 1.5 * GB
     prefetch_bucket: int = 0  # elements, from the DeepSpeed config
     reduce_bucket: int = 0
 
     @property
     def gpus(self) -> int:
-        return self.num_nodes * self.gpus_per_node
+        return self.total_gpus or self.num_nodes * self.gpus_per_node
 
 
 @dataclass
@@ -167,17 +171,20 @@ def estimate(shape: Shape, s: Setup) -> Estimate:
     per_layer = shape.activation_bytes_per_token_layer(e)
     norm = 4 * shape.hidden + 2 * e * shape.hidden  # the final RMSNorm
     logits = int(tokens * s.target_fraction) * (e + 8) * shape.vocab
+    # One layer's backward also holds gradients of its MLP intermediates and hidden states.
+    backward = tokens * e * (3 * shape.intermediate + 2 * shape.hidden)
     if s.gradient_checkpointing:
-        # Saved: each layer's input. Live on top, never together: the loss's logits (before the
-        # layers' backward) or one layer's recomputed activations (during its backward).
+        # Saved: each layer's input. On top, never together: the loss's logits (before the
+        # layers' backward) or one layer's recomputed activations and its backward buffers.
         activations = tokens * (shape.layers * e * shape.hidden + norm)
-        logits = max(logits, tokens * per_layer)
+        peak_extra = max(logits, tokens * per_layer + backward)
     else:
         activations = tokens * (shape.layers * per_layer + norm)
+        peak_extra = max(logits, backward)
     buckets = s.prefetch_bucket * e + s.reduce_bucket * 4
     rows = {"parameters": params, "gradients": grads, "optimizer states": optim,
             "ZeRO-3 gather buffer (largest layer)": gather, "activations": activations,
-            "logits + loss": logits, "prefetch/reduce buckets": buckets,
+            LOGITS_ROW: peak_extra, "prefetch/reduce buckets": buckets,
             "CUDA context, NCCL, fragmentation": s.overhead}
     gpu_total = float(sum(rows.values()))
     # CPU per node: DeepSpeed's figure for offload (it includes its 1.5x pinned-buffer factor);
@@ -189,10 +196,16 @@ def estimate(shape: Shape, s: Setup) -> Estimate:
                     consolidation_ram=0.5 * GB, fits=gpu_total <= s.gpu_mem)
 
 
-def smallest_fix(shape: Shape, s: Setup, max_nodes: int = 256) -> tuple[str, Estimate] | None:
+def smallest_fix(shape: Shape, s: Setup, max_nodes: int = 256, size: str = "7b"
+                 ) -> tuple[str, Estimate] | None:
     """The least disruptive change that fits, in the order a user would try them: one change
     (checkpointing, a smaller micro batch, the fewest extra nodes, offload), then gradient
     checkpointing together with each of the others."""
+    shipped = DS_CONFIG_DIR / f"zero3_{size}_offload.json"
+    offload_hint = (f"--ds_config {shipped.relative_to(DS_CONFIG_DIR.parent)}" if shipped.exists()
+                    else "a --ds_config with offload_optimizer device \"cpu\" and a DeepSpeed "
+                         "optimizer block, like ds_configs/zero3_14b_offload.json")
+
     def changes(base: Setup) -> list[tuple[str, Setup]]:
         out: list[tuple[str, Setup]] = []
         mb = base.micro_batch // 2
@@ -202,13 +215,14 @@ def smallest_fix(shape: Shape, s: Setup, max_nodes: int = 256) -> tuple[str, Est
             mb //= 2
         for nodes in range(base.num_nodes + 1, max_nodes + 1):
             out.append((f"{nodes} nodes x {base.gpus_per_node} GPUs ({nodes * base.gpus_per_node}"
-                        f" GPUs)", replace(base, num_nodes=nodes)))
+                        f" GPUs)", replace(base, num_nodes=nodes, total_gpus=None)))
         if base.offload == "none":
-            out.append(("--offload cpu (optimizer states and fp32 gradients in CPU RAM: "
-                        "ds_configs/zero3_<size>_offload.json)", replace(base, offload="cpu")))
+            out.append((f"CPU offload of the optimizer ({offload_hint}; plan it with "
+                        f"--offload cpu)", replace(base, offload="cpu")))
         if base.offload != "nvme":
-            out.append(("--offload nvme (parameters and optimizer states on local NVMe)",
-                        replace(base, offload="nvme")))
+            out.append(("NVMe offload of parameters and optimizer (a --ds_config with "
+                        "offload_param/offload_optimizer device \"nvme\"; plan it with --offload "
+                        "nvme)", replace(base, offload="nvme")))
         return out
 
     candidates = []
@@ -302,10 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ds_config", type=Path, help="default ds_configs/zero3_<size>.json")
     p.add_argument("--offload", choices=("none", "cpu", "nvme"),
                    help="default: what the DeepSpeed config says")
-    p.add_argument("--max_seq_length", type=int, default=4096)
-    p.add_argument("--batch_size", type=int, default=1, help="micro batch per GPU")
+    p.add_argument("--max_seq_length", type=int, help="default: the size's training default")
+    p.add_argument("--batch_size", type=int, help="micro batch per GPU; default: the size's")
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction,
-                   default=False)
+                   help="default: the size's training default (on for 14b and 32b)")
     p.add_argument("--gpu_mem", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB")
     p.add_argument("--target_fraction", type=float, default=1.0,
                    help="share of tokens that are loss targets (logits are computed only there)")
@@ -315,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_from_args(args: argparse.Namespace) -> tuple[Shape, Setup]:
+    defaults = SIZE_DEFAULTS[args.model_size]  # what launch/train.py would use
+    for flag in ("max_seq_length", "batch_size", "gradient_checkpointing"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, defaults.get(flag, False))
     for flag in ("num_nodes", "gpus_per_node", "max_seq_length", "batch_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1")
@@ -332,25 +350,27 @@ def setup_from_args(args: argparse.Namespace) -> tuple[Shape, Setup]:
     if args.hostfile is not None:
         hosts = read_hostfile(args.hostfile)
         nodes, per_node = len(hosts), max(slots for _, slots in hosts)
-        if len({slots for _, slots in hosts}) > 1:
-            print(f"note: {args.hostfile}: nodes have different slot counts; planning for the "
-                  f"largest ({per_node}) per node", file=sys.stderr)
+        total = sum(slots for _, slots in hosts) if len({n for _, n in hosts}) > 1 else None
+        if total:
+            print(f"note: {args.hostfile}: nodes have different slot counts; {total} GPUs in "
+                  f"all, CPU RAM planned for the fullest node ({per_node})", file=sys.stderr)
     else:
-        nodes, per_node = args.num_nodes, args.gpus_per_node
+        nodes, per_node, total = args.num_nodes, args.gpus_per_node, None
     return shape, Setup(num_nodes=nodes, gpus_per_node=per_node, micro_batch=args.batch_size,
                         seq=args.max_seq_length, gradient_checkpointing=args.gradient_checkpointing,
                         offload=offload, bf16=bool((ds.get("bf16") or {}).get("enabled", False)),
                         gpu_mem=parse_size(args.gpu_mem), target_fraction=args.target_fraction,
                         overhead=args.overhead_gb * GB,
                         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 0)),
-                        reduce_bucket=int(zero.get("reduce_bucket_size", 0)))
+                        reduce_bucket=int(zero.get("reduce_bucket_size", 0)), total_gpus=total)
 
 
 def report(shape: Shape, s: Setup, est: Estimate) -> str:
     n = shape.total_params()
     lines = [f"model: {n / 1e9:.2f}B parameters (hidden {shape.hidden}, {shape.layers} layers, "
              f"vocab {shape.vocab}{', tied' if shape.tied else ''}); "
-             f"{s.num_nodes} node(s) x {s.gpus_per_node} GPUs = {s.gpus}; micro batch "
+             + (f"{s.num_nodes} node(s), {s.gpus} GPUs in all" if s.total_gpus else
+                f"{s.num_nodes} node(s) x {s.gpus_per_node} GPUs = {s.gpus}") + "; micro batch "
              f"{s.micro_batch} x {s.seq} tokens; {'bf16' if s.bf16 else 'fp32'}; gradient "
              f"checkpointing {'on' if s.gradient_checkpointing else 'off'}; offload {s.offload}",
              "", "| per GPU | memory |", "|---|---|"]
@@ -380,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FITS: {_gb(est.gpu_total)} per GPU of {_gb(s.gpu_mem)} "
               f"({est.gpu_total / s.gpu_mem:.0%}).")
         return 0
-    fix = smallest_fix(shape, s)
+    fix = smallest_fix(shape, s, size=args.model_size)
     print(f"DOES NOT FIT: {_gb(est.gpu_total)} per GPU > {_gb(s.gpu_mem)}.")
     if fix is None:
         print("No single change found that fits; reduce --max_seq_length.")

@@ -14,6 +14,7 @@ first save (or worse, at resume).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -57,10 +58,23 @@ def check_output_dir(output_dir: Path) -> None:
     missing: list[int] = []
     if dist.is_main():
         missing = [r for r in range(dist.world_size()) if not (probes / f"rank-{r}").is_file()]
-        shutil.rmtree(Path(output_dir) / PROBE_DIR, ignore_errors=True)
+        shutil.rmtree(probes, ignore_errors=True)  # this launch's token only: others may run
+        with contextlib.suppress(OSError):
+            probes.parent.rmdir()  # gone once empty
     missing = dist.gather_objects(missing)[0]
     if missing:
         where = ", ".join(f"rank {r} on {hosts[r]}" for r in missing[:4])
         raise ConfigError(f"--output_dir {output_dir}: rank 0 on {hosts[0]} cannot see files "
                           f"written by {where}: it must be one filesystem shared by every node "
                           f"(checkpoints are written by all ranks)")
+
+
+def agree(what: str, value: str) -> None:
+    """Collective: every rank must have reached the same decision (e.g. the checkpoint to resume
+    from: a node with a stale view of the shared filesystem would load other shards)."""
+    values = dist.gather_objects(value)
+    if len(set(values)) > 1:
+        hosts = dist.gather_objects(socket.gethostname())
+        odd = next(r for r, v in enumerate(values) if v != values[0])
+        raise ConfigError(f"ranks disagree on the {what}: rank 0 on {hosts[0]} has {values[0]}, "
+                          f"rank {odd} on {hosts[odd]} has {values[odd]}")
