@@ -68,22 +68,37 @@ def start_node(node_rank: int, hostfile: Path, port: int, script: str, args: lis
                             start_new_session=True)
 
 
-def two_nodes(tmp: Path, script: str, args: list[str], timeout: int = 300,
-              env: dict[str, str] | None = None, cwds: tuple[Path, Path] = (REPO, REPO)
-              ) -> list[subprocess.CompletedProcess]:
-    """Run a 2-node job (node0 slots=1, node1 slots=1) to the end; returns each node's result."""
+def start_two_nodes(tmp: Path, script: str, args: list[str],
+                    envs: tuple[dict | None, dict | None] = (None, None),
+                    cwds: tuple[Path, Path] = (REPO, REPO)) -> list[subprocess.Popen]:
+    """Both launchers of a 2-node job (hostfile: node0 slots=1, node1 slots=1), started."""
     hostfile = tmp / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = free_port()
-    procs = [start_node(n, hostfile, port, script, args, tmp, env, cwds[n]) for n in (0, 1)]
+    return [start_node(n, hostfile, port, script, args, tmp, envs[n], cwds[n]) for n in (0, 1)]
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL each launcher's whole process group (launcher and ranks); reap them."""
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.communicate(timeout=60)
+
+
+def two_nodes(tmp: Path, script: str, args: list[str], timeout: int = 300,
+              env: dict[str, str] | None = None, cwds: tuple[Path, Path] = (REPO, REPO)
+              ) -> list[subprocess.CompletedProcess]:
+    """Run a 2-node job to the end; returns each node's result."""
+    procs = start_two_nodes(tmp, script, args, (env, env), cwds)
     results = []
     for proc in procs:
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            for p in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
+            kill_all(procs)
             pytest.fail(f"2-node job hung for {timeout}s")
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, ""))
     return results

@@ -8,7 +8,6 @@ lives with the other resume tests (tests/test_resume.py).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import free_port, start_node, two_nodes
+from tests.conftest import kill_all, start_two_nodes, two_nodes
 
 pytestmark = pytest.mark.multirank
 
@@ -69,11 +68,7 @@ def _rank_of(node) -> psutil.Process:
 
 def test_a_dead_rank_on_another_node_stops_the_job_naming_it(tmp_path):
     out = tmp_path / "run"
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = free_port()
-    args = _tiny(out, "--rank_timeout_s", "8")
-    nodes = [start_node(n, hostfile, port, "launch/train.py", args, tmp_path) for n in (0, 1)]
+    nodes = start_two_nodes(tmp_path, "launch/train.py", _tiny(out, "--rank_timeout_s", "8"))
     metrics = out / "logs" / "metrics.jsonl"
     t0 = time.time()
     while not (metrics.exists() and any("loss" in json.loads(x)
@@ -85,12 +80,7 @@ def test_a_dead_rank_on_another_node_stops_the_job_naming_it(tmp_path):
     try:
         text, _ = nodes[0].communicate(timeout=90)
     finally:
-        for node in nodes:
-            try:
-                os.killpg(node.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        nodes[1].communicate(timeout=30)
+        kill_all(nodes)
     assert nodes[0].returncode != 0
     assert time.time() - killed < 8 + 30  # the timeout, a few heartbeats and the launcher
     assert "rank 1 on" in text and "no heartbeat" in text, text[-3000:]
@@ -99,13 +89,8 @@ def test_a_dead_rank_on_another_node_stops_the_job_naming_it(tmp_path):
 def test_a_rank_failing_with_an_error_stops_the_other_node_at_once_naming_it(tmp_path):
     """Node 1's rank raises at step 3 (fault injection); node 0 must not wait for a timeout."""
     out = tmp_path / "run"
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = free_port()
-    args = _tiny(out, "--rank_timeout_s", "120")
-    nodes = [start_node(n, hostfile, port, "launch/train.py", args, tmp_path,
-                        env={"QSFT_TEST_RAISE_AT_STEP": "3"} if n == 1 else None)
-             for n in (0, 1)]
+    nodes = start_two_nodes(tmp_path, "launch/train.py", _tiny(out, "--rank_timeout_s", "120"),
+                            envs=(None, {"QSFT_TEST_RAISE_AT_STEP": "3"}))
     ended: dict[int, float] = {}
     t0 = time.time()
     try:
@@ -116,11 +101,7 @@ def test_a_rank_failing_with_an_error_stops_the_other_node_at_once_naming_it(tmp
             time.sleep(0.2)
         text = nodes[0].communicate(timeout=30)[0]
     finally:
-        for node in nodes:
-            try:
-                os.killpg(node.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(nodes)
     assert len(ended) == 2 and nodes[0].returncode != 0 and nodes[1].returncode != 0
     assert ended[0] - ended[1] < 30  # told at once: no waiting out --rank_timeout_s 120
     line = [ln for ln in text.splitlines() if "stopping:" in ln]

@@ -220,14 +220,10 @@ def test_two_nodes_on_loopback_train_save_and_resume_like_one_node(reference, tm
     """Two per-node launchers (--no_ssh --node_rank 0/1, a hostfile of two 1-slot hosts), killed
     after the first checkpoint and started again: the same losses, data order and weights as
     the single-node 2-rank reference, bit for bit."""
-    from tests.conftest import free_port, start_node, two_nodes
+    from tests.conftest import start_two_nodes, two_nodes
 
     out = tmp_path / "run"
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = free_port()
-    nodes = [start_node(n, hostfile, port, "launch/train.py", _args(out), tmp_path)
-             for n in (0, 1)]
+    nodes = start_two_nodes(tmp_path, "launch/train.py", _args(out))
     _wait_for(lambda: (out / "checkpoints" / f"checkpoint-{SAVE}" / "COMPLETE").exists(),
               nodes[0])
     logs = []
