@@ -28,15 +28,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 ASSETS = REPO / "trainer" / "assets"
-# Qwen2.5-1.5B's public config (DESIGN.md's size table); "smoke" exercises the script on a CPU.
+
+from trainer.plan import QWEN25, VOCAB  # noqa: E402  (the shapes of DESIGN.md's size table)
+
+# Qwen2.5-1.5B's shape, plus its position range and rope base; "smoke" runs the script on a CPU.
 SHAPES = {
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-                 tie_word_embeddings=True, max_position_embeddings=32768,
+    "1.5b": dict(QWEN25["1.5b"], vocab_size=VOCAB, max_position_embeddings=32768,
                  rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}),
     "smoke": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=256, vocab_size=151936,
+                  num_key_value_heads=2, intermediate_size=256, vocab_size=VOCAB,
                   tie_word_embeddings=True, max_position_embeddings=4096),
 }
 

@@ -61,6 +61,7 @@ def _unlink_shm_segment() -> None:
     with contextlib.suppress(OSError):
         os.unlink(name)
 
+
 def _free_port() -> int:
     import socket
 
