@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import ast
-import json
 import re
+from collections import Counter
 
 import pytest
 
 from trainer.assets import build
+from trainer.assets.validate import check
 from trainer.config import ASSETS_DIR
 from trainer.data import load_records
-
-TRAIN, TEST = ASSETS_DIR / "q_sft_train.jsonl", ASSETS_DIR / "q_sft_test.jsonl"
+from trainer.near_dup import near_duplicate_pairs
 
 
 @pytest.fixture(scope="module")
@@ -45,51 +44,72 @@ def test_tiny_config_is_a_few_million_param_tied_qwen2():
     assert not list(ASSETS_DIR.glob("tiny_model/*.safetensors"))  # config only: no weights
 
 
-def test_sample_set_size_kinds_and_split_by_problem(problems):
-    assert len({p["id"] for p in problems}) == len(problems) >= 40
-    train, test = load_records(TRAIN), load_records(TEST)
-    for records in (train, test):
-        kinds = {}
-        for r in records:
-            kinds.setdefault(r["problem_id"], set()).add(r["task"])
-        assert all(k == {"desc2q", "py2q", "q2py"} for k in kinds.values())
-    train_ids = {r["problem_id"] for r in train}
-    test_ids = {r["problem_id"] for r in test}
-    assert not train_ids & test_ids
-    assert len(test_ids) >= 8 and train_ids | test_ids == {p["id"] for p in problems}
-    norm = lambda s: re.sub(r"\W+", " ", s.lower()).strip()  # noqa: E731
-    by_id = {p["id"]: p for p in problems}
-    assert not {norm(by_id[i]["description"]) for i in train_ids} & {
-        norm(by_id[i]["description"]) for i in test_ids}
+def test_sample_set_size_difficulty_and_coverage(problems):
+    assert len({p["id"] for p in problems}) == len(problems) >= 150
+    levels = Counter(p["difficulty"] for p in problems)
+    assert set(levels) == {"easy", "medium", "hard"} and min(levels.values()) >= 25
+    topics = Counter(t for p in problems for t in p["topics"])
+    for topic in ("lists", "iterators", "dictionaries", "strings", "temporal", "tables", "qsql",
+                  "joins", "functional"):
+        assert topics[topic] >= 8, (topic, topics)
+    # The constructs a q programmer uses daily each appear in several solutions.
+    constructs = {"each": r"\beach\b", "over": r"/(?![:/])", "scan": r"\\(?!:)",
+                  "each-prior": r"':", "each-left": r"\\:", "each-right": r"/:",
+                  "select": r"\bselect\b", "exec": r"\bexec\b", "update": r"\bupdate\b",
+                  "by": r"\bby\b", "lj": r"\blj\b", "ij": r"\bij\b", "aj": r"\baj\b",
+                  "functional select": r"\?\[", "functional update": r"!\[",
+                  "dictionary": r"!", "temporal cast": r"`(date|month|year|mm|dd|hh|minute|"
+                  r"second|week|time|timestamp)\$"}
+    for name, pattern in constructs.items():
+        n = sum(bool(re.search(pattern, p["q"])) for p in problems)
+        assert n >= 2, (name, n)
+
+
+def test_every_problem_passes_validation(problems):
+    """Python solutions pass their tests, every q snippet (solution, test inputs and outputs)
+    parses under qls, no near-duplicate descriptions or solutions: see trainer/assets/validate."""
+    assert check(problems) == {}
+
+
+def test_split_by_problem_without_leakage(problems):
+    train, test = build.split(problems)
+    assert len(test) >= 20 and not {p["id"] for p in train} & {p["id"] for p in test}
+    for field in ("description", "q", "python"):
+        pairs = near_duplicate_pairs({p["id"]: p[field] for p in train},
+                                     {p["id"]: p[field] for p in test})
+        assert pairs == [], (field, pairs[:3])
+    for level in ("easy", "medium", "hard"):  # the held-out set spans the difficulty levels
+        assert any(p["difficulty"] == level for p in test)
 
 
 def test_shipped_records_match_the_problem_source(problems):
     """q_sft_*.jsonl are exactly what `python -m trainer.assets.build` renders."""
     train, test = build.split(problems)
-    assert load_records(TRAIN) == build.render_records(train)
-    assert load_records(TEST) == build.render_records(test)
+    for name, part in (("train", train), ("test", test)):
+        records = build.render_split(part)
+        assert load_records(ASSETS_DIR / f"q_sft_{name}.jsonl") == records
+        assert load_records(ASSETS_DIR / f"q_sft_{name}_no_tests.jsonl") == [
+            r for r in records if not r["with_tests"]]
+        kinds = Counter((r["problem_id"], r["task"], r["with_tests"]) for r in records)
+        assert len(kinds) == len(records) == 6 * len(part)  # 3 kinds x {plain, with tests}
 
 
-def test_python_solutions_pass_their_tests(problems):
-    for p in problems:
-        scope: dict = {}
-        exec(p["python"], scope)  # team-written solutions shipped in the repository
-        assert len(p["tests"]) >= 2, p["id"]
-        for t in p["tests"]:
-            got = scope["solve"](*ast.literal_eval(t["input"]))
-            assert got == ast.literal_eval(t["output"]), (p["id"], t)
+def test_completions_are_whole_solutions_that_fit_the_demo_length(problems):
+    """No empty or truncated completion: each is the full solution in one closed fence, and
+    no rendered record is cut or dropped at the demo's max_seq_length."""
+    from trainer.config import SIZE_DEFAULTS
+    from trainer.data import to_messages, tokenize_example
+    from trainer.model import load_tokenizer
 
-
-def test_q_solutions_define_solve_with_balanced_brackets(problems):
-    pairs = {")": "(", "]": "[", "}": "{"}
-    for p in problems:
-        code = re.sub(r'"(\\.|[^"\\])*"', '""', p["q"])  # strings may hold any bracket
-        assert code.lstrip().startswith("solve:"), p["id"]
-        stack = []
-        for ch in code:
-            if ch in "([{":
-                stack.append(ch)
-            elif ch in pairs:
-                assert stack and stack.pop() == pairs[ch], p["id"]
-        assert not stack, p["id"]
-        json.dumps(p)  # every field is plain JSON
+    by_id = {p["id"]: p for p in problems}
+    tok = load_tokenizer(ASSETS_DIR / "tiny_model")
+    limit = SIZE_DEFAULTS["tiny"]["max_seq_length"]
+    for name in ("train", "test"):
+        for r in load_records(ASSETS_DIR / f"q_sft_{name}.jsonl"):
+            lang, code = ("python", "python") if r["task"] == "q2py" else ("q", "q")
+            assert r["completion"] == f"```{lang}\n{by_id[r['problem_id']][code].strip()}\n```"
+            if r["with_tests"]:
+                tests = by_id[r["problem_id"]]["tests"]
+                assert r["prompt"].count("assert solve(" if lang == "python" else "solve[") \
+                    >= len(tests)
+            assert len(tokenize_example(to_messages(r), tok)[0]) <= limit, r["id"]

@@ -62,17 +62,22 @@ def _broken_files(tmp_path):
         _jsonl(tmp_path / "i.jsonl", [{"messages": [{"role": "bot", "content": "hi"}]}]),
         "i.jsonl:line 1: messages[0].role")
     pq.write_table(pa.table({"prompt": ["a", "b"], "answer": ["x", "y"]}), tmp_path / "j.parquet")
-    cases["parquet missing column"] = (tmp_path / "j.parquet", "j.parquet:row 0: record needs")
+    cases["parquet missing column"] = (tmp_path / "j.parquet",
+                                       "j.parquet: missing column(s) 'completion'")
+    pq.write_table(pa.table({"prompt": ["a", "b"], "completion": [1, 2]}), tmp_path / "l.parquet")
+    cases["parquet wrong type"] = (tmp_path / "l.parquet",
+                                   "l.parquet:row 0: 'completion' must be a string")
     (tmp_path / "k.parquet").write_bytes(b"PAR1 not really")
     cases["corrupt parquet"] = (tmp_path / "k.parquet", "k.parquet: not a readable parquet")
     (tmp_path / "emptydir").mkdir()
-    cases["dir without dataset"] = (tmp_path / "emptydir", "not a saved Hugging Face dataset")
+    cases["dir without dataset"] = (tmp_path / "emptydir", "emptydir: no data files")
     return cases
 
 
 CASE_NAMES = ["missing file", "malformed json", "missing keys", "empty completion", "wrong type",
               "invalid utf-8", "not an object", "empty file", "no assistant turn", "bad role",
-              "parquet missing column", "corrupt parquet", "dir without dataset"]
+              "parquet missing column", "parquet wrong type", "corrupt parquet",
+              "dir without dataset"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

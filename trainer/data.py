@@ -37,13 +37,7 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         rows, where = _load_dataset_dir(path), "row"
     elif path.suffix == ".parquet":
-        import datasets
-
-        try:
-            rows = datasets.Dataset.from_parquet(str(path), keep_in_memory=True).to_list()
-        except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
-            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
-        where = "row"
+        rows, where = _load_parquet(path), "row"
     else:
         rows, where = _load_jsonl(path), "line"
     if not rows:
@@ -74,14 +68,31 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _load_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+    names = table.schema.names
+    # A missing column is one message about the file, not one per row.
+    if "messages" not in names and not {"prompt", "completion"} <= set(names):
+        need = [c for c in ("prompt", "completion") if c not in names]
+        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, need))} (or "
+                        f"'messages'); has {', '.join(names) or 'none'}")
+    return table.to_pylist()
+
+
 def _load_dataset_dir(path: Path) -> list[dict[str, Any]]:
     import datasets
 
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError:
-        raise DataError(f"{path}: not a saved Hugging Face dataset (no dataset_info.json / "
-                        f"state.json); pass a JSONL or parquet file instead") from None
+        raise DataError(f"{path}: no data files (not a saved Hugging Face dataset: no "
+                        f"dataset_info.json / state.json); pass JSONL or parquet files, or "
+                        f"`qsft-data convert` a problem directory tree first") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")

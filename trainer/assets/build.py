@@ -3,15 +3,20 @@
     python -m trainer.assets.build            # renders the SFT records and trains the tokenizer
 
 Outputs (all committed, so nothing is downloaded or built at run time):
-  q_sft_train.jsonl, q_sft_test.jsonl   prompt/completion records, split by problem
-  tiny_model/                           Qwen2 config + byte-level BPE tokenizer trained on Q code
+  q_sft_{train,test}.jsonl            prompt/completion records, split by problem: three task
+                                      kinds, each also with the test cases in the prompt
+  q_sft_{train,test}_no_tests.jsonl   the same without the with-tests variant
+  tiny_model/                         Qwen2 config + byte-level BPE tokenizer trained on Q code
 """
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 from typing import Any
+
+from trainer.data_convert import Problem, Test, render_records
 
 ASSETS = Path(__file__).resolve().parent
 PROBLEMS = ASSETS / "q_problems.jsonl"
@@ -29,15 +34,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-TASKS = {
-    "desc2q": ("Write a q function `solve` for the following problem.\n\n{description}",
-               "```q\n{q}\n```"),
-    "py2q": ("Translate this Python function into an equivalent q function `solve`.\n\n"
-             "```python\n{python}\n```", "```q\n{q}\n```"),
-    "q2py": ("Translate this q function into an equivalent Python function `solve`.\n\n"
-             "```q\n{q}\n```", "```python\n{python}\n```"),
-}
-
 
 def load_problems(path: Path = PROBLEMS) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -50,16 +46,36 @@ def split(problems: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
-def render_records(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One prompt/completion record per problem and task kind."""
-    records = []
-    for p in problems:
-        fields = {k: p[k].strip() for k in ("description", "q", "python")}
-        for task, (prompt, completion) in TASKS.items():
-            records.append({"id": f"{p['id']}-{task}", "problem_id": p["id"], "task": task,
-                            "difficulty": p["difficulty"], "prompt": prompt.format(**fields),
-                            "completion": completion.format(**fields)})
-    return records
+def to_problem(p: dict[str, Any]) -> Problem:
+    """Our JSON problem as the renderer's Problem; each test becomes a check in both languages:
+    `assert solve(args) == expected` and `solve[args]~expected` (1b when it passes)."""
+    tests = []
+    for t in p["tests"]:
+        args = ", ".join(repr(a) for a in ast.literal_eval(t["input"]))
+        tests.append(Test(f"assert solve({args}) == {t['output']}",
+                          f"solve[{t['q_input']}]~{t['q_output']}"))
+    return Problem(p["id"], p["description"], p["q"], p["python"], tuple(tests),
+                   p["difficulty"])
+
+
+def render_split(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return render_records([to_problem(p) for p in problems])
+
+
+def write_problem_dirs(problems: list[dict[str, Any]], root: Path) -> None:
+    """The problems in the original data set's per-problem layout (root/<split>/<id>/...)."""
+    for name, part in zip(("train", "test"), split(problems), strict=False):
+        for p in part:
+            d = root / name / p["id"]
+            d.mkdir(parents=True)
+            prob = to_problem(p)
+            (d / "problem_description.txt").write_text(prob.description)
+            (d / "python_sol.py").write_text(prob.python)
+            (d / "q_sol.q").write_text(prob.q)
+            (d / "entry.json").write_text(json.dumps({"difficulty": p["difficulty"]}))
+            for n, t in enumerate(prob.tests, start=1):
+                (d / f"test_case_{n}.py").write_text(t.python + "\n")
+                (d / f"q_test_case_{n}.q").write_text(t.q + "\n")
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -101,9 +117,11 @@ def main() -> None:
     from transformers import GenerationConfig
 
     train, test = split(load_problems())
-    train_records, test_records = render_records(train), render_records(test)
-    write_jsonl(ASSETS / "q_sft_train.jsonl", train_records)
-    write_jsonl(ASSETS / "q_sft_test.jsonl", test_records)
+    train_records, test_records = render_split(train), render_split(test)
+    for name, records in (("train", train_records), ("test", test_records)):
+        write_jsonl(ASSETS / f"q_sft_{name}.jsonl", records)
+        write_jsonl(ASSETS / f"q_sft_{name}_no_tests.jsonl",
+                    [r for r in records if not r["with_tests"]])
     # The tokenizer sees training text only (no held-out problem leaks into its merges).
     texts = [r["prompt"] + "\n" + r["completion"] for r in train_records]
     tokenizer = train_tokenizer(texts)

@@ -1,0 +1,303 @@
+"""Problems -> prompt/completion records, and `qsft-data convert` for the original data set.
+
+A problem is a description, a q solution, a Python solution and test cases. It renders into one
+record per task kind (description->q, Python->q, q->Python), each once as is and once with the
+test cases in the prompt, split by problem. The shipped sample set (trainer/assets/build.py) and
+the original Q SFT data go through the same renderer.
+
+The original data (Morgan Stanley's Q SFT pipeline, github.com/morganstanley/MSML,
+projects/Fullstack_LLM_Finetuning_Q; layout as its build scripts write it) comes as:
+
+- problem directories ``[train|test/]<name>/`` holding ``problem_description.txt``,
+  ``python_sol.py``, ``q_sol.q``, optional ``entry.json`` (its ``difficulty`` is kept) and per
+  test N ``test_case_N.py`` + ``q_test_case_N.q`` with the
+  expected stdout in ``python_exact_ans_test_case_N.txt`` / ``q_exact_ans_test_case_N.txt``
+  (``test_case_N_correct_ans.txt`` when those are missing);
+- a problem table in parquet (``problem_description``, ``python_solution``, ``q_solution``,
+  optional ``test_cases`` list of {python_test_code, q_test_code, python_expected_output,
+  q_expected_output}, optional ``problem_name``/``problem_id``);
+- prompt/completion parquet splits (``train-00000-of-00001.parquet``, ``test_no_tests-...``).
+
+Everything is read and checked before anything is written; a bad input is one DataError line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.data import DataError, validate_record
+
+TASKS = {
+    "desc2q": ("Write a q function `solve` for the following problem.\n\n{description}",
+               "```q\n{q}\n```", "q"),
+    "py2q": ("Translate this Python function into an equivalent q function `solve`.\n\n"
+             "```python\n{python}\n```", "```q\n{q}\n```", "q"),
+    "q2py": ("Translate this q function into an equivalent Python function `solve`.\n\n"
+             "```q\n{q}\n```", "```python\n{python}\n```", "python"),
+}
+# Appended to the prompt of the with-tests variant: the tests the answer's language must pass.
+TESTS_SUFFIX = "\n\nYour `solve` must pass these tests:\n\n```{lang}\n{tests}\n```"
+PROBLEM_FILES = ("problem_description.txt", "python_sol.py", "q_sol.q")
+SPLIT_NAMES = ("train", "test")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+@dataclass(frozen=True)
+class Test:
+    python: str  # a Python snippet that checks solve (assert, or print + expected output)
+    q: str  # the same check in q
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    description: str
+    q: str
+    python: str
+    tests: tuple[Test, ...] = ()
+    difficulty: str | None = None
+
+
+def render_records(problems: list[Problem], with_tests: bool = True) -> list[dict[str, Any]]:
+    """Records for each problem and task kind; with_tests adds the variant with tests."""
+    records = []
+    for p in problems:
+        fields = {"description": p.description.strip(), "q": p.q.strip(),
+                  "python": p.python.strip()}
+        variants = [False] + ([True] if with_tests and p.tests else [])
+        for tests in variants:
+            for task, (prompt, completion, lang) in TASKS.items():
+                text = prompt.format(**fields)
+                if tests:
+                    text += TESTS_SUFFIX.format(lang=lang, tests="\n".join(
+                        getattr(t, lang).strip() for t in p.tests))
+                rec = {"id": f"{p.id}-{task}" + ("-tests" if tests else ""),
+                       "problem_id": p.id, "task": task, "with_tests": tests}
+                if p.difficulty:
+                    rec["difficulty"] = p.difficulty
+                rec.update(prompt=text, completion=completion.format(**fields))
+                records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the original layouts
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+
+
+def read_problem_dir(path: Path) -> Problem:
+    missing = [f for f in PROBLEM_FILES if not (path / f).is_file()]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)}")
+    text = {f: _read_text(path / f) for f in PROBLEM_FILES}
+    for f, t in text.items():
+        if not t.strip():
+            raise DataError(f"{path / f}: empty")
+    tests = []
+    numbers = sorted(int(m.group(1)) for f in path.glob("test_case_*.py")
+                     if (m := re.fullmatch(r"test_case_(\d+)\.py", f.name)))
+    for n in numbers:
+        q_file = path / f"q_test_case_{n}.q"
+        if not q_file.is_file():
+            raise DataError(f"{path}: test_case_{n}.py has no q_test_case_{n}.q")
+        tests.append(Test(_with_expected(_read_text(path / f"test_case_{n}.py"), "#",
+                                         _answer(path, n, "python")),
+                          _with_expected(_read_text(q_file), "/", _answer(path, n, "q"))))
+    difficulty = None
+    if (path / "entry.json").is_file():  # LeetCode metadata; we keep the difficulty
+        try:
+            entry = json.loads(_read_text(path / "entry.json"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path / 'entry.json'}:line {e.lineno}: invalid JSON "
+                            f"({e.msg})") from None
+        if isinstance(entry, dict) and isinstance(entry.get("difficulty"), str):
+            difficulty = entry["difficulty"]
+    return Problem(path.name, text["problem_description.txt"], text["q_sol.q"],
+                   text["python_sol.py"], tuple(tests), difficulty)
+
+
+def _answer(path: Path, n: int, lang: str) -> str | None:
+    for name in (f"{lang}_exact_ans_test_case_{n}.txt", f"test_case_{n}_correct_ans.txt"):
+        if (path / name).is_file():
+            return _read_text(path / name).strip()
+    return None
+
+
+def _with_expected(code: str, comment: str, expected: str | None) -> str:
+    code = code.strip()
+    if expected is None:
+        return code
+    return code + "\n" + "\n".join(f"{comment} expected output: {line}"
+                                   for line in expected.splitlines() or [""])
+
+
+def _is_problem_dir(path: Path) -> bool:
+    return any((path / f).is_file() for f in PROBLEM_FILES)
+
+
+def _split_of(name: str, test_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
+    return "test" if h < test_fraction else "train"
+
+
+def problems_from_dirs(root: Path, test_fraction: float) -> dict[str, list[Problem]]:
+    """{split: problems} from a tree of problem directories (train/ and test/ kept as given)."""
+    if _is_problem_dir(root):
+        return {"train": [read_problem_dir(root)]}
+    splits: dict[str, list[Problem]] = {}
+    given = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name in SPLIT_NAMES]
+    for split_dir in given:
+        splits[split_dir.name] = [read_problem_dir(d) for d in sorted(split_dir.iterdir())
+                                  if d.is_dir() and _is_problem_dir(d)]
+    if not given:
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and _is_problem_dir(d):
+                splits.setdefault(_split_of(d.name, test_fraction), []).append(
+                    read_problem_dir(d))
+    return {k: v for k, v in splits.items() if v}
+
+
+SFT_COLUMNS = ("prompt", "completion")
+PROBLEM_COLUMNS = ("problem_description", "python_solution", "q_solution")
+TEST_FIELDS = ("python_test_code", "q_test_code")
+
+
+def read_parquet(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """("sft" | "problems", rows) after checking the columns a converter needs."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+    names = table.schema.names
+    kind = ("sft" if all(c in names for c in SFT_COLUMNS) else
+            "problems" if all(c in names for c in PROBLEM_COLUMNS) else None)
+    if kind is None:
+        need = [c for c in SFT_COLUMNS if c not in names]
+        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, need))} (prompt/"
+                        f"completion splits) or {', '.join(map(repr, PROBLEM_COLUMNS))} "
+                        f"(problem tables); has {', '.join(names) or 'none'}")
+    import pyarrow as pa
+
+    for c in SFT_COLUMNS if kind == "sft" else PROBLEM_COLUMNS:
+        t = table.schema.field(c).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise DataError(f"{path}: column {c!r} has type {t}, expected string")
+    return kind, table.to_pylist()
+
+
+def problems_from_rows(path: Path, rows: list[dict[str, Any]]) -> list[Problem]:
+    problems = []
+    for i, r in enumerate(rows):
+        where = f"{path}:row {i}"
+        for c in PROBLEM_COLUMNS:
+            if not (r[c] or "").strip():
+                raise DataError(f"{where}: column {c!r} is empty")
+        tests = []
+        for j, t in enumerate(r.get("test_cases") or []):
+            if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in TEST_FIELDS):
+                raise DataError(f"{where}: test_cases[{j}] needs string fields {TEST_FIELDS}")
+            tests.append(Test(_with_expected(t["python_test_code"], "#",
+                                             t.get("python_expected_output")),
+                              _with_expected(t["q_test_code"], "/", t.get("q_expected_output"))))
+        pid = str(r.get("problem_name") or r.get("problem_id") or f"{_split_stem(path)}-{i}")
+        problems.append(Problem(pid, r["problem_description"], r["q_solution"],
+                                r["python_solution"], tuple(tests), r.get("difficulty")))
+    return problems
+
+
+def _split_stem(path: Path) -> str:
+    return _SHARD.sub("", path.name.removesuffix(".parquet"))
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+def convert(sources: list[Path], out_dir: Path, test_fraction: float = 0.0,
+            overwrite: bool = False) -> dict[str, int]:
+    """Convert problem directories or parquet files into OUT/<split>.jsonl; {file: records}.
+
+    Problems give <split>.jsonl (with the tests variant) and <split>_no_tests.jsonl; a
+    prompt/completion parquet split gives <split>.jsonl with its rows, shards concatenated.
+    """
+    outputs: dict[str, list[dict[str, Any]]] = {}
+    for src in sources:
+        if not src.exists():
+            raise DataError(f"{src}: not found")
+        if src.is_dir():
+            files = sorted(src.glob("*.parquet"))
+            if not files:
+                by_split = problems_from_dirs(src, test_fraction)
+                if not by_split:
+                    raise DataError(f"{src}: no data files: no problem directories (with "
+                                    f"{', '.join(PROBLEM_FILES)}) and no *.parquet")
+                for split, problems in by_split.items():
+                    _add_problems(outputs, split, problems)
+                continue
+        else:
+            files = [src]
+        for f in files:
+            if f.suffix != ".parquet":
+                raise DataError(f"{f}: expected a problem directory or a .parquet file")
+            kind, rows = read_parquet(f)
+            split = _split_stem(f)
+            if kind == "problems":
+                _add_problems(outputs, split, problems_from_rows(f, rows))
+            else:
+                for i, r in enumerate(rows):
+                    validate_record(r, f"{f}:row {i}")
+                outputs.setdefault(f"{split}.jsonl", []).extend(rows)
+    _write_all(out_dir, outputs, overwrite)
+    return {name: len(recs) for name, recs in outputs.items()}
+
+
+def _add_problems(outputs: dict[str, list], split: str, problems: list[Problem]) -> None:
+    seen = {r["problem_id"] for r in outputs.get(f"{split}.jsonl", ())}
+    for p in problems:
+        if p.id in seen:
+            raise DataError(f"problem {p.id!r} occurs twice in split {split!r}")
+        seen.add(p.id)
+    records = render_records(problems)
+    for r in records:
+        validate_record(r, f"{split}: problem {r['problem_id']}")
+    outputs.setdefault(f"{split}.jsonl", []).extend(records)
+    outputs.setdefault(f"{split}_no_tests.jsonl", []).extend(
+        r for r in records if not r["with_tests"])
+
+
+def _write_all(out_dir: Path, outputs: dict[str, list[dict[str, Any]]], overwrite: bool) -> None:
+    """Temp files first, renamed only once all are written: a failure leaves nothing new."""
+    existing = [n for n in outputs if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise DataError(f"{out_dir}: {', '.join(existing)} already exist(s); pass --overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmps = []
+    try:
+        for name, records in outputs.items():
+            tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+            tmps.append((tmp, out_dir / name))
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, final in tmps:
+            tmp.replace(final)
+    finally:
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
