@@ -56,13 +56,17 @@ def test_sample_set_size_difficulty_and_coverage(problems):
     constructs = {"each": r"\beach\b", "over": r"/(?![:/])", "scan": r"\\(?!:)",
                   "each-prior": r"':", "each-left": r"\\:", "each-right": r"/:",
                   "select": r"\bselect\b", "exec": r"\bexec\b", "update": r"\bupdate\b",
-                  "by": r"\bby\b", "lj": r"\blj\b", "ij": r"\bij\b", "aj": r"\baj\b",
-                  "functional select": r"\?\[", "functional update": r"!\[",
+                  "delete": r"\bdelete\b", "by": r"\bby\b", "fby": r"\bfby\b",
+                  "xbar": r"\bxbar\b", "vs": r"\bvs\b", "sv": r"\bsv\b",
+                  "like": r"\blike\b", "functional select": r"\?\[", "functional update": r"!\[",
                   "dictionary": r"!", "temporal cast": r"`(date|month|year|mm|dd|hh|minute|"
                   r"second|week|time|timestamp)\$"}
     for name, pattern in constructs.items():
         n = sum(bool(re.search(pattern, p["q"])) for p in problems)
         assert n >= 2, (name, n)
+    joins = {j: sum(bool(re.search(rf"\b{j}\b", p["q"])) for p in problems)
+             for j in ("lj", "ij", "ej", "pj", "uj", "aj")}
+    assert min(joins.values()) >= 1 and sum(joins.values()) >= 10, joins
 
 
 def test_every_problem_passes_validation(problems):

@@ -86,6 +86,14 @@ def test_qls_flags_malformed_q_and_passes_good_q():
     assert found["good"] == [] and found["good multi-line"] == []
 
 
+def test_qls_client_handles_many_snippets_without_deadlock():
+    """Both pipes fill with 2000 documents; the client writes from a thread (trainer/qlint)."""
+    snippets = {f"s{i}": f"solve{i}:{{[x] x+{i}}}" for i in range(1999)}
+    snippets["bad"] = "f:{[x] (x"
+    found = lint(snippets, timeout_s=120)
+    assert len(found) == 2000 and found["bad"] and not any(found[f"s{i}"] for i in range(1999))
+
+
 def test_validator_reports_each_kind_of_defect():
     good = build.load_problems()[0]
     wrong_python = dict(good, id="p901", title="x", python="def solve(x):\n    return 0\n")

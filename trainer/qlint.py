@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +87,16 @@ def _session(proc: subprocess.Popen, root: str, uris: dict[str, str],
     if reply is None:
         raise TimeoutError(f"qls did not answer initialize within {timeout_s:.0f}s")
     send({"method": "initialized", "params": {}})
-    for uri, name in uris.items():
-        send({"method": "textDocument/didOpen", "params": {"textDocument": {
-            "uri": uri, "languageId": "q", "version": 1, "text": snippets[name]}}})
+
+    def open_all() -> None:
+        for uri, name in uris.items():
+            send({"method": "textDocument/didOpen", "params": {"textDocument": {
+                "uri": uri, "languageId": "q", "version": 1, "text": snippets[name]}}})
+
+    # From a thread: qls answers each document while we are still sending, and with both pipes
+    # full a single-threaded client and the server would wait on each other forever.
+    writer = threading.Thread(target=open_all, daemon=True)
+    writer.start()
     found: dict[str, list[Diagnostic]] = {}
     while len(found) < len(uris):
         message = reader.next(deadline)
@@ -103,7 +111,7 @@ def _session(proc: subprocess.Popen, root: str, uris: dict[str, str],
             found[uris[params["uri"]]] = [
                 Diagnostic(d["range"]["start"]["line"], d["range"]["start"]["character"],
                            d["message"]) for d in params["diagnostics"]]
-    send({"id": 2, "method": "shutdown"})
+    writer.join()
     return found
 
 

@@ -28,7 +28,7 @@ REQUIRED = {"id": str, "title": str, "difficulty": str, "topics": list, "descrip
             "q": str, "python": str, "tests": list}
 TEST_KEYS = ("input", "output", "q_input", "q_output")
 # q built-ins that qls 1.0.5 does not know, so it reports them as undefined names.
-QLS_UNKNOWN_BUILTINS = {".Q.n", ".Q.nA"}
+QLS_UNKNOWN_BUILTINS = {".Q.n", ".Q.nA", ".Q.an"}
 
 
 def schema_errors(p: dict[str, Any]) -> list[str]:
