@@ -1,16 +1,17 @@
 """Benchmark: qsft vs TRL's SFTTrainer vs a bare PyTorch loop, same SFT work, on this CPU.
 
     .venv/bin/pip install -e ".[bench]"        # adds trl
-    .venv/bin/python bench/vs_trl.py [--models tiny,13m] [--epochs 3]
+    .venv/bin/python bench/vs_trl.py [--models tiny,13m] [--epochs 1]
 
 For each model (the shipped 3.3M demo model and a 13M one, both Qwen2 architecture, the demo
 tokenizer, random init saved once so every method starts from the same weights), each method
-trains the shipped Q training set for the same number of epochs, about 8 examples per optimizer
-step, sequences of at most 512 tokens, AdamW at 1e-3 with 3% warmup and cosine decay, clipping 1.0,
-fp32, and loss on completion tokens only:
+trains the shipped Q training set (q_sft_train.jsonl: 804 records, with and without tests in
+the prompt) for the same number of epochs, about 8 examples per optimizer step, sequences of at
+most 1024 tokens (the longest record is 856), AdamW at 1e-3 with 3% warmup and cosine decay,
+clipping 1.0, fp32, and loss on completion tokens only:
 
   trl-padded   SFTTrainer as the original pipeline used it: batches of 8, padded, no packing
-  trl-packed   SFTTrainer with its best-fit-decreasing packing, 2 sequences of 512 per step
+  trl-packed   SFTTrainer with its best-fit-decreasing packing, 2 sequences of 1024 per step
   qsft-1rank   our trainer, 1 rank, packed, 2 sequences per step
   qsft-2ranks  our trainer, 2 ranks through the launcher, 1 sequence per rank per step
   bare         a plain PyTorch loop on our packed batches: no framework, the floor
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 ASSETS = REPO / "trainer" / "assets"
-LR, SEQ, EXAMPLES_PER_STEP, SEED = 1e-3, 512, 8, 42
+LR, SEQ, EXAMPLES_PER_STEP, SEED = 1e-3, 1024, 8, 42
 SHAPES = {"tiny": None,  # the shipped config
           "13m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
                       num_attention_heads=6, num_key_value_heads=2)}
@@ -216,7 +217,7 @@ def padded_fraction(epochs: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="tiny,13m")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_vs_trl")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model_dir", type=Path, help=argparse.SUPPRESS)

@@ -65,11 +65,11 @@ def test_sharded_bf16_output_loads_and_matches(trained, tmp_path):
     out, _ = trained
     tag = out / "checkpoints" / "checkpoint-16"
     manifest = consolidate(tag, tmp_path / "c", dtype=torch.bfloat16,
-                           max_shard_size=parse_size("1MB"), verify=True)
+                           max_shard_size=parse_size("2MB"), verify=True)
     assert len(manifest["weight_files"]) > 3
     index = json.loads((tmp_path / "c" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(manifest["weight_files"])
-    assert all((tmp_path / "c" / f).stat().st_size <= 1_000_000 + 200_000
+    assert all((tmp_path / "c" / f).stat().st_size <= 2_000_000 + 200_000
                for f in manifest["weight_files"])  # one tensor may exceed; none here
     ref = _deepspeed_fp32(out / "checkpoints", "checkpoint-16")
     ours = _load_dir(tmp_path / "c")
@@ -157,5 +157,10 @@ def test_cli_uses_latest_and_training_dtype(trained, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["source_tag"] == "checkpoint-16" and manifest["dtype"] == "float32"
-    assert manifest["num_parameters"] == 3_318_016
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tmp_path / "c")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert manifest["num_parameters"] == sum(p.numel() for p in model.parameters())
     assert "verified" in res.stdout

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.multirank
 
 
 def _tiny(out: Path | str, *extra: str) -> list[str]:
-    return ["--model_size", "tiny", "--output_dir", str(out), "--max_steps", "400",
+    return ["--model_size", "tiny", "--max_seq_length", "512", "--output_dir", str(out),
+            "--max_steps", "400",
             "--save_steps", "1000", "--eval_steps", "1000", "--logging_steps", "1", *extra]
 
 

@@ -24,6 +24,7 @@ def _grads(tmp_path, nproc: int, accum: int, packing: bool) -> dict:
     res = launch(PROBE, ["grads", str(out), "--model_size", "tiny", "--output_dir",
                          str(tmp_path / f"o{nproc}"), "--batch_size", "2",
                          "--gradient_accumulation_steps", str(accum), "--seed", "3",
+                         "--max_seq_length", "512",  # as _reference_grads packs
                          "--packing" if packing else "--no-packing"],
                  nproc=nproc, tmp=tmp_path, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:]
@@ -137,7 +138,8 @@ def test_consolidated_reproduces_live_engine_logits(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dump = tmp_path / "logits.pt"
-    res = launch(PROBE, ["logits", str(dump), "--model_size", "tiny", "--output_dir",
+    res = launch(PROBE, ["logits", str(dump), "--model_size", "tiny", "--max_seq_length", "512",
+                         "--output_dir",
                          str(tmp_path / "run"), "--max_steps", "6", "--eval_steps", "100",
                          "--save_steps", "100"], nproc=2, tmp=tmp_path, timeout=400)
     assert res.returncode == 0, res.stdout[-4000:]

@@ -29,7 +29,8 @@ STEPS, SAVE = 12, 6
 
 def _args(out: Path, nproc: int = 2) -> list[str]:
     accum = 4 // nproc  # the same global batch (8) on 1 or 2 ranks
-    return ["--model_size", "tiny", "--output_dir", str(out), "--max_steps", str(STEPS),
+    return ["--model_size", "tiny", "--max_seq_length", "512", "--output_dir", str(out),
+            "--max_steps", str(STEPS),
             "--save_steps", str(SAVE), "--eval_steps", "100", "--logging_steps", "1",
             "--batch_size", "2", "--gradient_accumulation_steps", str(accum)]
 

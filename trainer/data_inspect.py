@@ -60,7 +60,7 @@ class FileStats:
     kinds: Counter
     lengths: list[int]  # tokens per record, sorted
     exact_dups: int  # records identical (normalised) to an earlier one in the file
-    near_dup_prompts: int  # records whose prompt is a near duplicate of another's
+    near_dup_prompts: int  # records whose prompt nearly equals another problem's
 
     def over(self, max_len: int) -> int:
         return sum(n > max_len for n in self.lengths)
@@ -76,7 +76,10 @@ def file_stats(path: Path, tokenizer: Any) -> FileStats:
         exact += k in seen
         seen.add(k)
     prompts = {i: _prompt_text(r) for i, r in enumerate(records)}
-    near = {a for a, _, _ in near_duplicate_pairs(prompts, prompts)}
+    pid = [r.get("problem_id") for r in records]
+    # One problem's prompt with and without its tests is by design, not a duplicate.
+    near = {a for a, b, _ in near_duplicate_pairs(prompts, prompts)
+            if pid[a] is None or pid[a] != pid[b]}
     return FileStats(Path(path), records, Counter(task_kind(r) for r in records), lengths,
                      exact, len(near))
 
@@ -116,7 +119,8 @@ def inspect_files(paths: list[Path], tokenizer: Any, max_seq_length: int,
                        enumerate(zip(r, widths, strict=False))) for r in [head] + rows]
     lines.append(f"(lengths in tokens as trained: chat template applied; p50..max over records; "
                  f"dups = exact duplicate records, near = prompts with a near duplicate in the "
-                 f"same file, Jaccard >= {THRESHOLD} on character 5-grams)")
+                 f"same file (another problem's, where records name theirs), Jaccard >= "
+                 f"{THRESHOLD} on character 5-grams)")
     suspicious = any(s.exact_dups for s in stats)
     for i, a in enumerate(stats):
         for b in stats[i + 1:]:

@@ -22,7 +22,7 @@ WHITE, BLACK, BAR, MARK, GRID = (255, 255, 255), (0, 0, 0), (70, 110, 180), (200
 
 
 def _short(n: float) -> str:
-    return f"{n / 1000:.1f}".rstrip("0").rstrip(".") + "k" if n >= 1000 else str(int(n))
+    return f"{n / 1000:.1f}".rstrip("0").rstrip(".") + "k" if n >= 10000 else str(int(n))
 
 
 class _Canvas:
@@ -89,5 +89,6 @@ def histogram_png(path: Path, edges: list[float], counts: list[int],
     if marker is not None and lo <= marker <= hi:
         x = x_of(marker)
         c.rect(x, top, x + 2, top + ph, MARK)
-        c.text(min(x + 4, width - 8 * len(_short(marker))), top + ph + 22, _short(marker))
+        if marker < hi:  # at the right end the axis label already says it
+            c.text(min(x + 4, width - 8 * len(_short(marker))), top + ph + 22, _short(marker))
     c.save(path)
