@@ -40,13 +40,29 @@ def test_near_duplicates_equal_brute_force_jaccard():
     for t in (0.5, 0.8):
         fast = {(a, b) for a, b, _ in near_duplicate_pairs(docs, docs, t)}
         sets = {k: shingles(v) for k, v in docs.items()}
-        # Shingles in >10% of texts are template boilerplate, dropped before comparing.
-        freq = {g: sum(g in s for s in sets.values()) for s in sets.values() for g in s}
-        common = {g for g, n in freq.items() if n > 0.1 * len(docs)}
+        # Shingles in >10% of the distinct texts are boilerplate, dropped before comparing.
+        distinct = {v: shingles(v) for v in docs.values()}
+        freq = {g: sum(g in s for s in distinct.values()) for s in distinct.values() for g in s}
+        common = {g for g, n in freq.items() if n > 0.1 * len(distinct)}
         sets = {k: s - common for k, s in sets.items()}
         brute = {(a, b) for a, b in itertools.permutations(docs, 2) if sets[a] and sets[b]
                  and len(sets[a] & sets[b]) / len(sets[a] | sets[b]) >= t}
         assert fast == brute and len(brute) > 10
+
+
+def test_near_duplicates_survive_many_copies_of_one_text():
+    """Copies must not turn a text into "boilerplate": a test prompt copied 3x into train is
+    found, as are identical texts under the 20-text threshold of the filter."""
+    rng = random.Random(1)
+    words = ["".join(rng.choice("klmnopqrst") for _ in range(5)) for _ in range(200)]
+    train = {i: " ".join(rng.choice(words) for _ in range(12)) for i in range(30)}
+    leaked = "Write a q function that returns the running maximum of a list of longs."
+    train.update({30: leaked, 31: leaked.upper(), 32: leaked + "  "})
+    pairs = near_duplicate_pairs(train, {"t": leaked})
+    assert {a for a, b, _ in pairs} == {30, 31, 32} and all(s == 1.0 for *_, s in pairs)
+    within = near_duplicate_pairs(train, train)
+    assert {(a, b) for a, b, _ in within if a in (30, 31, 32)} == {
+        (a, b) for a in (30, 31, 32) for b in (30, 31, 32) if a != b}
 
 
 def test_near_duplicates_ignore_the_template_but_catch_an_edited_copy():
@@ -176,6 +192,23 @@ def test_convert_parquet_splits_and_problem_tables(tmp_path):
     assert "print(solve(1, 2))\n# expected output: 3" in q2py[1]["prompt"]
 
 
+def test_convert_unnamed_problems_across_shards_get_distinct_ids(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = {"problem_description": "Add.", "python_solution": "def solve(a, b):\n    return a+b",
+           "q_solution": "solve:{[a;b] a+b}", "difficulty": float("nan")}
+    for shard in range(2):
+        pq.write_table(pa.Table.from_pylist([row, row]),
+                       tmp_path / f"train-0000{shard}-of-00002.parquet")
+    out = convert([tmp_path], tmp_path / "out")
+    assert out == {"train.jsonl": 12, "train_no_tests.jsonl": 12}
+    recs = load_records(tmp_path / "out" / "train.jsonl")
+    assert sorted({r["problem_id"] for r in recs}) == ["train-0", "train-1", "train-2",
+                                                       "train-3"]
+    assert all("difficulty" not in r for r in recs)  # NaN is not a difficulty
+
+
 def _bad_sources(tmp_path):
     """(argv for qsft-data, expected one-line message) per kind of bad input."""
     import pyarrow as pa
@@ -214,23 +247,68 @@ def _bad_sources(tmp_path):
     (d / "q_sol.q").write_text("solve:{1}")
     cases["problem file utf-8"] = (["convert", str(tmp_path / "probs")],
                                    "p1/python_sol.py: invalid UTF-8 at byte 25")
+    for root, extra in (("dup", "test_case_01.py"), ("orphan", "q_test_case_2.q")):
+        d = tmp_path / root / "p2"
+        d.mkdir(parents=True)
+        for name, text in (("problem_description.txt", "x"), ("python_sol.py", "def solve(): 1"),
+                           ("q_sol.q", "solve:{1}"), ("test_case_1.py", "print(solve())"),
+                           ("q_test_case_1.q", "solve[]"), (extra, "solve[]")):
+            (d / name).write_text(text)
+    cases["test numbered twice"] = (["convert", str(tmp_path / "dup")],
+                                    "p2: two test_case files have the same number")
+    cases["orphan q test"] = (["convert", str(tmp_path / "orphan")],
+                              "p2: q_test_case_2.q has no test_case_2.py")
+    f = tmp_path / "cases.parquet"
+    pq.write_table(pa.table({"problem_description": ["d"], "python_solution": ["p"],
+                             "q_solution": ["q"], "test_cases": [3]}), f)
+    cases["test_cases not a list"] = (["convert", str(f)],
+                                      "cases.parquet:row 0: column 'test_cases' must be a list")
+    f = tmp_path / "when.parquet"
+    pq.write_table(pa.table({"prompt": ["p"], "completion": ["c"],
+                             "at": pa.array([0], pa.timestamp("s"))}), f)
+    cases["not JSON-serialisable"] = (["convert", str(f)], "when.jsonl: record 0: not JSON")
+    mixed = tmp_path / "mixed"
+    (mixed / "train" / "p1").mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["p"], "completion": ["c"]}), mixed / "x.parquet")
+    cases["parquet and problem dirs"] = (["convert", str(mixed)],
+                                         "mixed: holds both *.parquet files and problem dir")
+    pq.write_table(pa.table({"prompt": ["p"], "completion": ["c"]}), tmp_path / "train.parquet")
+    cases["one split from two kinds"] = (["convert", str(tmp_path / "train.parquet"),
+                                          str(tmp_path / "probs2")],
+                                         "train.jsonl: split 'train' comes from both")
+    ok = tmp_path / "probs2" / "train" / "p1"
+    ok.mkdir(parents=True)
+    for name in ("problem_description.txt", "python_sol.py", "q_sol.q"):
+        (ok / name).write_text("x")
+    (tmp_path / "afile").write_text("")
+    cases["--out is a file"] = (["convert", str(tmp_path / "probs2"), "--out",
+                                 str(tmp_path / "afile")], "afile: exists and is not a dir")
+    good_file = tmp_path / "good.jsonl"
+    good_file.write_text(json.dumps(good) + "\n")
+    cases["--histogram is a directory"] = (["inspect", str(good_file), "--histogram",
+                                            str(tmp_path / "mixed")], "mixed: is a directory")
     return cases
 
 
-@pytest.mark.parametrize("name", ["invalid utf-8", "json syntax", "wrong types",
-                                  "empty completion", "parquet missing columns",
-                                  "parquet column type", "no data files", "problem file utf-8"])
+@pytest.mark.parametrize("name", [
+    "invalid utf-8", "json syntax", "wrong types", "empty completion", "parquet missing columns",
+    "parquet column type", "no data files", "problem file utf-8", "test numbered twice",
+    "orphan q test", "test_cases not a list", "not JSON-serialisable",
+    "parquet and problem dirs", "one split from two kinds", "--out is a file",
+    "--histogram is a directory"])
 def test_bad_data_one_line_exit_2_nothing_written(name, tmp_path):
     argv, expected = _bad_sources(tmp_path)[name]
     out = tmp_path / "out"
     png = tmp_path / "hist.png"
-    argv += ["--out", str(out)] if argv[0] == "convert" else ["--histogram", str(png)]
+    if "--out" not in argv and "--histogram" not in argv:
+        argv += ["--out", str(out)] if argv[0] == "convert" else ["--histogram", str(png)]
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "data.py"), *argv],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
     assert proc.stdout == ""
     assert not out.exists() and not png.exists()
+    assert not list(tmp_path.rglob("*.tmp*"))  # no temp file left behind
 
 
 def test_convert_refuses_to_overwrite(tmp_path):
@@ -273,6 +351,17 @@ def test_inspect_reports_kinds_lengths_and_leakage(tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train/test"))
     shared = len({r["problem_id"] for r in records[:9]})
     assert f"9 identical records, 9 near-duplicate prompts, {shared} shared problem ids" in line
+
+
+def test_inspect_reads_train_and_test_from_directory_names(tmp_path, capsys):
+    recs = load_records(ASSETS_DIR / "q_sft_train.jsonl")[:12]
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert data_main(["inspect", str(tmp_path / "train" / "part.jsonl"),
+                      str(tmp_path / "test" / "part.jsonl"), "--histogram", "none",
+                      "--strict"]) == 1
+    assert "train/test overlap part.jsonl x part.jsonl: 12 identical" in capsys.readouterr().out
 
 
 def test_inspect_counts_over_length_and_infers_task_kinds(tmp_path, capsys):

@@ -90,9 +90,14 @@ def _load_dataset_dir(path: Path) -> list[dict[str, Any]]:
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError:
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".jsonl", ".parquet"))
+        if found:
+            hint = f"it holds {', '.join(found[:2])}{' ...' if len(found) > 2 else ''}: pass " \
+                   f"the files themselves"
+        else:
+            hint = "pass JSONL or parquet files, or `qsft-data convert` a problem tree first"
         raise DataError(f"{path}: no data files (not a saved Hugging Face dataset: no "
-                        f"dataset_info.json / state.json); pass JSONL or parquet files, or "
-                        f"`qsft-data convert` a problem directory tree first") from None
+                        f"dataset_info.json / state.json); {hint}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")

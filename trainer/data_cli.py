@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from trainer.data_inspect import inspect_files
+    from trainer.data_inspect import check_histogram_path, inspect_files
     from trainer.model import load_tokenizer
 
     if args.max_seq_length < 1:
@@ -63,8 +63,10 @@ def _inspect(args: argparse.Namespace) -> int:
     for f in args.files:
         if not f.exists():
             raise DataError(f"{f}: file not found")
-    tokenizer = load_tokenizer(args.tokenizer)
     histogram = None if args.histogram == "none" else Path(args.histogram)
+    if histogram is not None:
+        check_histogram_path(histogram)
+    tokenizer = load_tokenizer(args.tokenizer)
     lines, suspicious = inspect_files(args.files, tokenizer, args.max_seq_length, histogram)
     print("\n".join(lines))
     return 1 if suspicious and args.strict else 0

@@ -107,15 +107,23 @@ def read_problem_dir(path: Path) -> Problem:
         if not t.strip():
             raise DataError(f"{path / f}: empty")
     tests = []
-    numbers = sorted(int(m.group(1)) for f in path.glob("test_case_*.py")
-                     if (m := re.fullmatch(r"test_case_(\d+)\.py", f.name)))
-    for n in numbers:
-        q_file = path / f"q_test_case_{n}.q"
-        if not q_file.is_file():
-            raise DataError(f"{path}: test_case_{n}.py has no q_test_case_{n}.q")
+    # Test numbers as written in the file names ("1", or "01"), ordered numerically.
+    py_nums = {m.group(1) for f in path.glob("test_case_*.py")
+               if (m := re.fullmatch(r"test_case_(\d+)\.py", f.name))}
+    q_nums = {m.group(1) for f in path.glob("q_test_case_*.q")
+              if (m := re.fullmatch(r"q_test_case_(\d+)\.q", f.name))}
+    if len({int(n) for n in py_nums}) < len(py_nums):
+        raise DataError(f"{path}: two test_case files have the same number "
+                        f"({', '.join(sorted(py_nums))})")
+    for n in sorted(py_nums ^ q_nums, key=int):
+        have, lack = (f"test_case_{n}.py", f"q_test_case_{n}.q") if n in py_nums else (
+            f"q_test_case_{n}.q", f"test_case_{n}.py")
+        raise DataError(f"{path}: {have} has no {lack}")
+    for n in sorted(py_nums, key=int):
         tests.append(Test(_with_expected(_read_text(path / f"test_case_{n}.py"), "#",
                                          _answer(path, n, "python")),
-                          _with_expected(_read_text(q_file), "/", _answer(path, n, "q"))))
+                          _with_expected(_read_text(path / f"q_test_case_{n}.q"), "/",
+                                         _answer(path, n, "q"))))
     difficulty = None
     if (path / "entry.json").is_file():  # LeetCode metadata; we keep the difficulty
         try:
@@ -129,7 +137,7 @@ def read_problem_dir(path: Path) -> Problem:
                    text["python_sol.py"], tuple(tests), difficulty)
 
 
-def _answer(path: Path, n: int, lang: str) -> str | None:
+def _answer(path: Path, n: str, lang: str) -> str | None:
     for name in (f"{lang}_exact_ans_test_case_{n}.txt", f"test_case_{n}_correct_ans.txt"):
         if (path / name).is_file():
             return _read_text(path / name).strip()
@@ -173,6 +181,7 @@ def problems_from_dirs(root: Path, test_fraction: float) -> dict[str, list[Probl
 SFT_COLUMNS = ("prompt", "completion")
 PROBLEM_COLUMNS = ("problem_description", "python_solution", "q_solution")
 TEST_FIELDS = ("python_test_code", "q_test_code")
+EXPECTED_FIELDS = ("python_expected_output", "q_expected_output")
 
 
 def read_parquet(path: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -200,23 +209,36 @@ def read_parquet(path: Path) -> tuple[str, list[dict[str, Any]]]:
     return kind, table.to_pylist()
 
 
-def problems_from_rows(path: Path, rows: list[dict[str, Any]]) -> list[Problem]:
+def problems_from_rows(path: Path, rows: list[dict[str, Any]], first: int = 0) -> list[Problem]:
+    """Problems from a problem table's rows; unnamed ones are <split>-<n>, n counted from
+    `first` so the shards of one split do not reuse numbers."""
     problems = []
     for i, r in enumerate(rows):
         where = f"{path}:row {i}"
         for c in PROBLEM_COLUMNS:
             if not (r[c] or "").strip():
                 raise DataError(f"{where}: column {c!r} is empty")
+        cases = r.get("test_cases")
+        if cases is not None and not isinstance(cases, (list, tuple)):
+            raise DataError(f"{where}: column 'test_cases' must be a list of structs (got "
+                            f"{type(cases).__name__})")
         tests = []
-        for j, t in enumerate(r.get("test_cases") or []):
-            if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in TEST_FIELDS):
-                raise DataError(f"{where}: test_cases[{j}] needs string fields {TEST_FIELDS}")
+        for j, t in enumerate(cases or []):
+            if not (isinstance(t, dict) and all(isinstance(t.get(k), str) for k in TEST_FIELDS)
+                    and all(isinstance(t.get(k), (str, type(None))) for k in EXPECTED_FIELDS)):
+                raise DataError(f"{where}: test_cases[{j}] needs string fields "
+                                f"{', '.join(TEST_FIELDS)} (and string or null "
+                                f"{', '.join(EXPECTED_FIELDS)})")
             tests.append(Test(_with_expected(t["python_test_code"], "#",
                                              t.get("python_expected_output")),
                               _with_expected(t["q_test_code"], "/", t.get("q_expected_output"))))
-        pid = str(r.get("problem_name") or r.get("problem_id") or f"{_split_stem(path)}-{i}")
+        name = r.get("problem_name") or r.get("problem_id")
+        pid = str(name) if name is not None and str(name).strip() else (
+            f"{_split_stem(path)}-{first + i}")
+        difficulty = r.get("difficulty")
         problems.append(Problem(pid, r["problem_description"], r["q_solution"],
-                                r["python_solution"], tuple(tests), r.get("difficulty")))
+                                r["python_solution"], tuple(tests),
+                                difficulty if isinstance(difficulty, str) else None))
     return problems
 
 
@@ -235,19 +257,27 @@ def convert(sources: list[Path], out_dir: Path, test_fraction: float = 0.0,
     Problems give <split>.jsonl (with the tests variant) and <split>_no_tests.jsonl; a
     prompt/completion parquet split gives <split>.jsonl with its rows, shards concatenated.
     """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a directory (--out)")
     outputs: dict[str, list[dict[str, Any]]] = {}
+    kinds: dict[str, str] = {}  # output file -> "sft" | "problems": never both in one file
     for src in sources:
         if not src.exists():
             raise DataError(f"{src}: not found")
         if src.is_dir():
             files = sorted(src.glob("*.parquet"))
+            dirs = [d for d in sorted(src.iterdir()) if d.is_dir() and (
+                _is_problem_dir(d) or d.name in SPLIT_NAMES)]
+            if files and (dirs or _is_problem_dir(src)):
+                raise DataError(f"{src}: holds both *.parquet files and problem directories; "
+                                f"convert them as separate sources")
             if not files:
                 by_split = problems_from_dirs(src, test_fraction)
                 if not by_split:
                     raise DataError(f"{src}: no data files: no problem directories (with "
                                     f"{', '.join(PROBLEM_FILES)}) and no *.parquet")
                 for split, problems in by_split.items():
-                    _add_problems(outputs, split, problems)
+                    _add_problems(outputs, kinds, split, problems)
                 continue
         else:
             files = [src]
@@ -257,16 +287,27 @@ def convert(sources: list[Path], out_dir: Path, test_fraction: float = 0.0,
             kind, rows = read_parquet(f)
             split = _split_stem(f)
             if kind == "problems":
-                _add_problems(outputs, split, problems_from_rows(f, rows))
+                first = len({r.get("problem_id") for r in outputs.get(f"{split}.jsonl", ())})
+                _add_problems(outputs, kinds, split, problems_from_rows(f, rows, first))
             else:
                 for i, r in enumerate(rows):
                     validate_record(r, f"{f}:row {i}")
+                _claim(kinds, f"{split}.jsonl", "sft")
                 outputs.setdefault(f"{split}.jsonl", []).extend(rows)
     _write_all(out_dir, outputs, overwrite)
     return {name: len(recs) for name, recs in outputs.items()}
 
 
-def _add_problems(outputs: dict[str, list], split: str, problems: list[Problem]) -> None:
+def _claim(kinds: dict[str, str], name: str, kind: str) -> None:
+    if kinds.setdefault(name, kind) != kind:
+        raise DataError(f"{name}: split {name.removesuffix('.jsonl')!r} comes from both "
+                        f"prompt/completion data and problems; convert them to separate --out "
+                        f"directories")
+
+
+def _add_problems(outputs: dict[str, list], kinds: dict[str, str], split: str,
+                  problems: list[Problem]) -> None:
+    _claim(kinds, f"{split}.jsonl", "problems")
     seen = {r["problem_id"] for r in outputs.get(f"{split}.jsonl", ())}
     for p in problems:
         if p.id in seen:
@@ -281,23 +322,42 @@ def _add_problems(outputs: dict[str, list], split: str, problems: list[Problem])
 
 
 def _write_all(out_dir: Path, outputs: dict[str, list[dict[str, Any]]], overwrite: bool) -> None:
-    """Temp files first, renamed only once all are written: a failure leaves nothing new."""
+    """Serialise everything first, then temp files, renamed once all are written: an error
+    before the renames leaves nothing new (not even the directory)."""
     existing = [n for n in outputs if (out_dir / n).exists()]
     if existing and not overwrite:
         raise DataError(f"{out_dir}: {', '.join(existing)} already exist(s); pass --overwrite")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmps = []
+    texts = {}
+    for name, records in outputs.items():
+        lines = []
+        for i, r in enumerate(records):
+            try:  # parquet may carry timestamps, bytes or NaN: not JSON, so not ours to guess
+                lines.append(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{out_dir / name}: record {i}: not JSON-serialisable "
+                                f"({e})") from None
+        texts[name] = "".join(lines)
+    created = not out_dir.exists()
+    tmps: list[tuple[Path, Path]] = []
+    done: list[str] = []
     try:
-        for name, records in outputs.items():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
             tmp = out_dir / f".{name}.tmp-{os.getpid()}"
             tmps.append((tmp, out_dir / name))
             with open(tmp, "w", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+        # Renames of files in one directory: only an I/O error between two of them could
+        # leave some new and some old files; the message then says which were replaced.
         for tmp, final in tmps:
             tmp.replace(final)
-    finally:
+            done.append(final.name)
+    except OSError as e:
         for tmp, _ in tmps:
             tmp.unlink(missing_ok=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        replaced = f"; already replaced: {', '.join(done)}" if done else ""
+        raise DataError(f"{out_dir}: cannot write ({e.strerror or e}){replaced}") from None

@@ -7,13 +7,14 @@ train/test leakage when one file name says train and the other test. Writes a le
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.data import load_records, to_messages, tokenize_example
+from trainer.data import DataError, load_records, to_messages, tokenize_example
 from trainer.near_dup import THRESHOLD, near_duplicate_pairs, normalise
 
 TASK_KINDS = ("desc2q", "py2q", "q2py")
@@ -85,9 +86,14 @@ def file_stats(path: Path, tokenizer: Any) -> FileStats:
 
 
 def _role(path: Path) -> str | None:
-    words = set(re.split(r"[^a-z]+", path.name.lower()))
-    return "train" if "train" in words else "test" if words & {"test", "eval", "valid",
-                                                                "validation"} else None
+    """train / test from the file name, else from the nearest directory that says."""
+    for part in [path.name, *(p.name for p in Path(path).resolve().parents)]:
+        words = set(re.split(r"[^a-z]+", part.lower()))
+        if "train" in words:
+            return "train"
+        if words & {"test", "eval", "valid", "validation"}:
+            return "test"
+    return None
 
 
 def overlap(a: FileStats, b: FileStats) -> dict[str, int]:
@@ -138,6 +144,18 @@ def inspect_files(paths: list[Path], tokenizer: Any, max_seq_length: int,
     return lines, suspicious
 
 
+def check_histogram_path(path: Path) -> None:
+    """Fail before any work (one line, exit 2) when the PNG could not be written."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory (--histogram wants a .png file path)")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise DataError(f"{path}: cannot write the histogram there ({parent} is not a "
+                        f"writable directory)")
+
+
 def _write_histogram(path: Path, lengths: list[int], max_seq_length: int) -> None:
     from trainer.png import histogram_png
 
@@ -147,7 +165,11 @@ def _write_histogram(path: Path, lengths: list[int], max_seq_length: int) -> Non
     counts = [0] * (len(edges) - 1)
     for n in lengths:
         counts[min(n // step, len(counts) - 1)] += 1
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    histogram_png(tmp, edges, counts, marker=max_seq_length)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        histogram_png(tmp, edges, counts, marker=max_seq_length)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot write the histogram ({e.strerror or e})") from None
