@@ -68,13 +68,18 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _load_parquet(path: Path) -> list[dict[str, Any]]:
+def read_parquet_table(path: Path) -> Any:
+    """A pyarrow Table, or DataError (one line) for an unreadable file."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
         raise DataError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+
+
+def _load_parquet(path: Path) -> list[dict[str, Any]]:
+    table = read_parquet_table(path)
     names = table.schema.names
     # A missing column is one message about the file, not one per row.
     if "messages" not in names and not {"prompt", "completion"} <= set(names):

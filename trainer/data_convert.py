@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.data import DataError, validate_record
+from trainer.data import DataError, read_parquet_table, validate_record
 
 TASKS = {
     "desc2q": ("Write a q function `solve` for the following problem.\n\n{description}",
@@ -186,12 +186,7 @@ EXPECTED_FIELDS = ("python_expected_output", "q_expected_output")
 
 def read_parquet(path: Path) -> tuple[str, list[dict[str, Any]]]:
     """("sft" | "problems", rows) after checking the columns a converter needs."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
-        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+    table = read_parquet_table(path)
     names = table.schema.names
     kind = ("sft" if all(c in names for c in SFT_COLUMNS) else
             "problems" if all(c in names for c in PROBLEM_COLUMNS) else None)

@@ -62,6 +62,8 @@ class FileStats:
     lengths: list[int]  # tokens per record, sorted
     exact_dups: int  # records identical (normalised) to an earlier one in the file
     near_dup_prompts: int  # records whose prompt nearly equals another problem's
+    keys: list[str] = field(repr=False)  # normalised record text, for exact matches
+    prompts: dict[int, str] = field(repr=False)  # record index -> prompt text
 
     def over(self, max_len: int) -> int:
         return sum(n > max_len for n in self.lengths)
@@ -70,19 +72,15 @@ class FileStats:
 def file_stats(path: Path, tokenizer: Any) -> FileStats:
     records = load_records(path)  # DataError (exit 2) on anything malformed
     lengths = sorted(len(tokenize_example(to_messages(r), tokenizer)[0]) for r in records)
-    seen: set[str] = set()
-    exact = 0
-    for r in records:
-        k = _record_key(r)
-        exact += k in seen
-        seen.add(k)
+    keys = [_record_key(r) for r in records]
+    exact = len(keys) - len(set(keys))
     prompts = {i: _prompt_text(r) for i, r in enumerate(records)}
     pid = [r.get("problem_id") for r in records]
     # One problem's prompt with and without its tests is by design, not a duplicate.
     near = {a for a, b, _ in near_duplicate_pairs(prompts, prompts)
             if pid[a] is None or pid[a] != pid[b]}
     return FileStats(Path(path), records, Counter(task_kind(r) for r in records), lengths,
-                     exact, len(near))
+                     exact, len(near), keys, prompts)
 
 
 def _role(path: Path) -> str | None:
@@ -98,13 +96,11 @@ def _role(path: Path) -> str | None:
 
 def overlap(a: FileStats, b: FileStats) -> dict[str, int]:
     """Records of b that also occur in a: exactly, as near-duplicate prompts, by problem id."""
-    keys_a = {_record_key(r) for r in a.records}
-    prompts_a = {i: _prompt_text(r) for i, r in enumerate(a.records)}
-    prompts_b = {i: _prompt_text(r) for i, r in enumerate(b.records)}
-    near_b = {j for _, j, _ in near_duplicate_pairs(prompts_a, prompts_b)}
+    keys_a = set(a.keys)
+    near_b = {j for _, j, _ in near_duplicate_pairs(a.prompts, b.prompts)}
     pids_a = {r.get("problem_id") for r in a.records} - {None}
     pids_b = {r.get("problem_id") for r in b.records} - {None}
-    return {"exact": sum(_record_key(r) in keys_a for r in b.records),
+    return {"exact": sum(k in keys_a for k in b.keys),
             "near_prompts": len(near_b), "problems": len(pids_a & pids_b)}
 
 
