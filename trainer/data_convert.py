@@ -43,6 +43,11 @@ TASKS = {
 }
 # Appended to the prompt of the with-tests variant: the tests the answer's language must pass.
 TESTS_SUFFIX = "\n\nYour `solve` must pass these tests:\n\n```{lang}\n{tests}\n```"
+# Every prompt ends with a newline. In the raw format the completion follows the prompt directly,
+# and a prompt ending in a code fence would otherwise run into the answer's fence ("``````q"),
+# which BPE tokenizes across the boundary: the model would be trained on a prompt ending that
+# inference never produces (see trainer.data.encode_raw).
+PROMPT_END = "\n"
 PROBLEM_FILES = ("problem_description.txt", "python_sol.py", "q_sol.q")
 SPLIT_NAMES = ("train", "test")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
@@ -81,7 +86,7 @@ def render_records(problems: list[Problem], with_tests: bool = True) -> list[dic
                        "problem_id": p.id, "task": task, "with_tests": tests}
                 if p.difficulty:
                     rec["difficulty"] = p.difficulty
-                rec.update(prompt=text, completion=completion.format(**fields))
+                rec.update(prompt=text + PROMPT_END, completion=completion.format(**fields))
                 records.append(rec)
     return records
 

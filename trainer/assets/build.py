@@ -123,7 +123,8 @@ def main() -> None:
         write_jsonl(ASSETS / f"q_sft_{name}_no_tests.jsonl",
                     [r for r in records if not r["with_tests"]])
     # The tokenizer sees training text only (no held-out problem leaks into its merges).
-    texts = [r["prompt"] + "\n" + r["completion"] for r in train_records]
+    # (prompts end with a newline: the text is the raw training format)
+    texts = [r["prompt"] + r["completion"] for r in train_records]
     tokenizer = train_tokenizer(texts)
     TINY.mkdir(exist_ok=True)
     tokenizer.save_pretrained(TINY)
