@@ -16,6 +16,51 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
+TINY = REPO / "trainer" / "assets" / "tiny_model"
+QWEN_LAYOUT = REPO / "tests" / "fixtures" / "qwen25_layout"
+
+
+def qwen_layout_model(dest: Path) -> Path:
+    """The demo model with a Qwen2.5 base release's special-token layout (see
+    tests/fixtures/qwen25_layout/README.md): EOS = pad = <|endoftext|>, distinct from the chat
+    template's <|im_end|>; generation stops on <|endoftext|> only; Qwen2.5's template."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(TINY / "tokenizer.json", dest / "tokenizer.json")
+    for f in QWEN_LAYOUT.iterdir():
+        if f.name != "README.md":
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
+def sharded_model(dest, tied: bool = True, shards: int = 3, seed: int = 0):
+    """A small "pretrained" model saved like a Qwen2.5 release: `shards` safetensors + index.
+
+    Every value is random and none is exactly 0 or 1 (unlike a fresh init), so a weight left at
+    its init, or a tiny optimizer update, cannot go unnoticed.
+    """
+    import math
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qwen_layout_model(dest)
+    config = AutoConfig.from_pretrained(dest)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.02 + (1.0 if p.ndim == 1 else 0.0) + 1e-3)
+    total = sum(p.numel() for p in set(model.parameters())) * 4
+    # Greedy sharding leaves the last shard part-full: aim between `shards` - 1 and `shards`.
+    model.save_pretrained(dest, max_shard_size=math.ceil(total / (shards - 0.5)))
+    files = sorted(dest.glob("model-*.safetensors"))
+    assert len(files) == shards and (dest / "model.safetensors.index.json").is_file()
+    return dest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -100,9 +100,9 @@ def test_shipped_records_match_the_problem_source(problems):
 
 def test_completions_are_whole_solutions_that_fit_the_demo_length(problems):
     """No empty or truncated completion: each is the full solution in one closed fence, and
-    no rendered record is cut or dropped at the demo's max_seq_length."""
+    no rendered record is cut or dropped at the demo's max_seq_length, in either format."""
     from trainer.config import SIZE_DEFAULTS
-    from trainer.data import to_messages, tokenize_example
+    from trainer.data import encode
     from trainer.model import load_tokenizer
 
     by_id = {p["id"]: p for p in problems}
@@ -116,4 +116,8 @@ def test_completions_are_whole_solutions_that_fit_the_demo_length(problems):
                 tests = by_id[r["problem_id"]]["tests"]
                 assert r["prompt"].count("assert solve(" if lang == "python" else "solve[") \
                     >= len(tests)
-            assert len(tokenize_example(to_messages(r), tok)[0]) <= limit, r["id"]
+            for fmt in ("raw", "chat"):
+                assert len(encode(r, tok, fmt).input_ids) <= limit, (r["id"], fmt)
+            # A newline ends every prompt: in the raw format the answer's fence starts a new
+            # token instead of merging with the prompt's last one.
+            assert r["prompt"].endswith("\n") and not encode(r, tok, "raw").boundary_merged

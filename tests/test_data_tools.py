@@ -376,10 +376,15 @@ def test_inspect_counts_over_length_and_infers_task_kinds(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     row = dict(zip(out[0].split(), out[1].split(), strict=False))
     assert (row["desc2q"], row["py2q"], row["q2py"]) == ("4", "4", "4")
-    from trainer.data import to_messages, tokenize_example
+    from trainer.data import encode
     from trainer.model import load_tokenizer
 
     tok = load_tokenizer(ASSETS_DIR / "tiny_model")
-    lengths = [len(tokenize_example(to_messages(r), tok)[0]) for r in recs]
+    # As the trainer would train them: prompt/completion records default to the raw format.
+    lengths = [len(encode(r, tok, "raw").input_ids) for r in recs]
     assert int(row[">60"]) == sum(n > 60 for n in lengths) > 0
     assert int(row["max"]) == max(lengths)
+    assert data_main(["inspect", str(f), "--max_seq_length", "60", "--histogram", "none",
+                      "--prompt_format", "chat"]) == 0
+    row = dict(zip(*(x.split() for x in capsys.readouterr().out.splitlines()[:2]), strict=False))
+    assert int(row["max"]) == max(len(encode(r, tok, "chat").input_ids) for r in recs)

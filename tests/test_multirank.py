@@ -12,7 +12,7 @@ import torch
 from tests.conftest import REPO, launch, run_env
 from trainer.batching import Sampler
 from trainer.config import ASSETS_DIR
-from trainer.data import load_records, tokenize_records
+from trainer.data import encode, load_records, tokenize_records
 from trainer.model import load_tokenizer
 
 pytestmark = pytest.mark.multirank
@@ -115,6 +115,28 @@ def test_end_to_end_output_layout(trained):
     assert "step 16 loss" in (out / "logs" / "training_log.txt").read_text()
     assert "== qsft: training complete ==" in stdout
     assert str(cons) in stdout
+    # The demo config has no `architectures`; the consolidated one names the class trained.
+    config = json.loads((cons / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["use_cache"] is True
+    assert manifest["prompt_format"] == "raw" and manifest["end_tokens"][0]["token"] == "<|im_end|>"
+
+
+def test_eval_records_that_do_not_fit_are_counted_and_reported(trained):
+    """At 512 tokens some held-out records do not fit: dropped like training ones, and said."""
+    import yaml
+
+    out, stdout = trained
+    tok = load_tokenizer(ASSETS_DIR / "tiny_model")
+    records = load_records(ASSETS_DIR / "q_sft_test.jsonl")
+    too_long = sum(len(encode(r, tok, "raw").input_ids) > 512 for r in records)
+    assert too_long > 0
+    data = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert (data["eval"]["records"], data["eval"]["dropped"]) == (len(records), too_long)
+    evals = json.loads((out / "logs" / "eval_results.json").read_text())
+    assert evals["eval_data"]["examples"] == len(records) - too_long
+    assert (f"eval: {too_long} of {len(records)} records are longer than --max_seq_length 512: "
+            f"{too_long} dropped") in stdout
+    assert f"{too_long} longer than --max_seq_length were left out" in stdout
 
 
 def test_deepspeed_zero_to_fp32_matches_consolidated(trained, tmp_path):

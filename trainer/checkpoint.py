@@ -19,7 +19,6 @@ complete checkpoint as the one a restart uses.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -176,13 +175,14 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Any, output_dir: Path, state: TrainerState, tokenizer: Any,
+def save(engine: Any, output_dir: Path, state: TrainerState, export: Any,
          probe_ids: torch.Tensor) -> tuple[Path, float, int]:
     """Save and publish a checkpoint; all ranks call it. Returns (tag dir, seconds, bytes).
 
     Besides DeepSpeed's shards, the tag gets the trainer state with every rank's RNG, and `hf/`:
-    the model config, generation config, tokenizer and the live engine's logits on a fixed
-    probe batch, so the tag alone can be consolidated offline and the result verified.
+    what `export` (trainer.export.Export) writes — model config, generation config, tokenizer,
+    prompt format — and the live engine's logits on a fixed probe batch, so the tag alone can be
+    consolidated offline and the result verified.
     """
     root, tag = checkpoint_root(output_dir), tag_for(state.step)
     t0 = time.perf_counter()
@@ -198,13 +198,7 @@ def save(engine: Any, output_dir: Path, state: TrainerState, tokenizer: Any,
         torch.save({"state": state.state_dict(), "rng": rng, "world_size": dist.world_size()},
                    tag_dir / STATE_FILE)
         hf = tag_dir / HF_SUBDIR
-        hf.mkdir(parents=True, exist_ok=True)
-        config = copy.deepcopy(engine.module.config)
-        config.use_cache = True  # off for training; what inference downstream wants
-        config.save_pretrained(hf)
-        if engine.module.generation_config is not None:
-            engine.module.generation_config.save_pretrained(hf)
-        tokenizer.save_pretrained(hf)
+        export.write(hf, engine.module)
         torch.save(probe, hf / PROBE_FILE)
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():

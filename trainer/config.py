@@ -75,7 +75,12 @@ class RunConfig(BaseModel):
     logging_steps: int = Field(gt=0, description="log interval in optimizer steps")
     max_seq_length: int = Field(ge=16, le=131072, description="tokens per training sequence")
     overlong: Literal["drop", "truncate"] = Field(
-        "drop", description="examples over max_seq_length: drop them or cut the completion")
+        "drop", description="training and eval examples over max_seq_length: drop them or cut "
+        "the completion")
+    prompt_format: Literal["auto", "raw", "chat"] = Field(
+        "auto", description="raw: prompt + completion + EOS as plain text (the original "
+        "pipeline); chat: the tokenizer's chat template; auto: raw for prompt/completion data, "
+        "chat when the training data has messages records")
     batch_size: int = Field(gt=0, description="micro batch per GPU (sequences)")
     gradient_accumulation_steps: int = Field(gt=0, description="micro batches per optimizer step")
     bf16: bool | None = Field(None, description="bf16 on/off; None keeps the ds_config's value")
@@ -83,6 +88,9 @@ class RunConfig(BaseModel):
         description="write checkpoint-N/consolidated/ after every save, the last one, or never")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     packing: bool = Field(True, description="pack examples into max_seq_length sequences")
+    load_check: bool = Field(True, description="after loading --base_model, compare every "
+                             "rank's share of the weights with the files (catches parameters "
+                             "left at their initial values)")
     wandb: bool = Field(False, description="log to Weights & Biases (offline without network)")
     seed: int = Field(42, ge=0, description="seeds init, data order and dropout")
     resume: str = Field("auto", min_length=1, description="auto | none | path to a checkpoint tag")
@@ -169,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in RunConfig.model_fields.items():
         flag = f"--{name}"
         if name in ("bf16", "packing", "gradient_checkpointing", "wandb", "overwrite",
-                    "keep_best"):
+                    "keep_best", "load_check"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=_help(field))
         elif name == "save_every_n_steps":
             p.add_argument(flag, "--save_steps", dest=name, help=_help(field))

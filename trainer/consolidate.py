@@ -32,6 +32,7 @@ from trainer.zero_reader import CheckpointError, ZeroCheckpoint
 
 HF_SUBDIR = "hf"  # config, generation config and tokenizer, saved by the trainer in each tag
 PROBE_FILE = "verify_probe.pt"  # live-engine logits on a fixed batch, saved with each checkpoint
+FORMAT_FILE = "training_format.json"  # prompt format and end tokens; goes into manifest.json
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -112,16 +113,22 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
         hashes: dict[str, str] = {}
         weight_files = _write_weights(ckpt, entries, dtype, max_shard_size, tmp, hashes)
         for f in sorted(hf_dir.iterdir()):
-            if f.is_file() and f.name not in ("config.json", PROBE_FILE):
+            if f.is_file() and f.name not in ("config.json", PROBE_FILE, FORMAT_FILE):
                 shutil.copy2(f, tmp / f.name)
         config.pop("torch_dtype", None)
         config["dtype"] = str(dtype).removeprefix("torch.")
+        config["use_cache"] = True
+        if not config.get("architectures"):  # a checkpoint saved before qsft recorded it
+            config["architectures"] = [_causal_lm_class(config)]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         num_params = sum(ckpt.param_shapes[s].numel() for n, s in entries
                          if s is not None and n == s)
+        fmt_file = hf_dir / FORMAT_FILE
+        training_format = json.loads(fmt_file.read_text()) if fmt_file.is_file() else {}
         manifest = dict(source_tag=tag_dir.name, source_step=ckpt.step,
                         dtype=str(dtype).removeprefix("torch."), num_parameters=num_params,
-                        tied_embeddings=tied, weight_files=weight_files,
+                        tied_embeddings=tied, architecture=config["architectures"][0],
+                        **training_format, weight_files=weight_files,
                         files={p.name: {"sha256": hashes.get(p.name) or sha256_file(p),
                                         "bytes": p.stat().st_size}
                                for p in sorted(tmp.iterdir())},
@@ -135,6 +142,17 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         ckpt.close()
     return manifest
+
+
+def _causal_lm_class(config: dict[str, Any]) -> str:
+    """The class AutoModelForCausalLM builds for this config (what the trainer trains)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    if name is None:
+        raise ConsolidateError(f"config.json: model_type {config.get('model_type')!r} has no "
+                               f"causal-LM class in transformers; add 'architectures'")
+    return name
 
 
 def _write_weights(ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],

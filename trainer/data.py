@@ -1,9 +1,17 @@
-"""Data: load records, render them as chat text, tokenize, mask prompts, batch per rank.
+"""Data: load records, format them (raw or chat), tokenize, mask prompts.
 
 A record is ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", "content"}, ...]}``;
-other keys (ids, task kinds) are kept as metadata and ignored here. Loss is on assistant tokens
-only. Every problem is reported as :class:`DataError` (one line naming file and line) before the
-model loads.
+other keys (ids, task kinds) are kept as metadata and ignored here. Two prompt formats:
+
+- ``raw``: the prompt text, the completion text, then the tokenizer's EOS; no template. What the
+  original pipeline trained (TRL's SFTTrainer on prompt/completion strings), and the default for
+  prompt/completion records.
+- ``chat``: the tokenizer's chat template; required for ``messages`` records.
+
+Loss is on the answer only: the completion and its EOS (raw), every assistant turn and its
+end-of-turn token (chat). The token that ends each answer is recorded, because generation must
+stop on it downstream. Every problem is reported as :class:`DataError` (one line naming file and
+line) before the model loads.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers) skip
 ROLES = ("system", "user", "assistant")
+PROMPT_FORMATS = ("raw", "chat")
 
 # Used when a tokenizer has no chat template. Each turn is "### Role:\n<content>\n\n"; the
 # assistant content is followed by the EOS token so the model learns where to stop.
@@ -29,27 +38,41 @@ class DataError(ValueError):
 # Loading and validation
 
 
-def load_records(path: Path) -> list[dict[str, Any]]:
+class Records(list):
+    """The validated records of one file (a plain list), and where each one came from."""
+
+    def __init__(self, rows: list[dict[str, Any]], path: Path, lines: list[int] | None = None):
+        super().__init__(rows)
+        self.path, self._lines = Path(path), lines
+
+    def where(self, i: int) -> str:
+        """'FILE:line N' (JSONL, 1-based like an editor) or 'FILE:row N' (0-based like ds[i])."""
+        if self._lines is not None:
+            return f"{self.path}:line {self._lines[i]}"
+        return f"{self.path}:row {i}"
+
+
+def load_records(path: Path) -> Records:
     """Load and validate records from a JSONL file, a parquet file or a saved HF dataset dir."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
-        rows, where = _load_dataset_dir(path), "row"
+        records = Records(_load_dataset_dir(path), path)
     elif path.suffix == ".parquet":
-        rows, where = _load_parquet(path), "row"
+        records = Records(_load_parquet(path), path)
     else:
-        rows, where = _load_jsonl(path), "line"
-    if not rows:
+        rows, lines = _load_jsonl(path)
+        records = Records(rows, path, lines)
+    if not records:
         raise DataError(f"{path}: no records")
-    for i, rec in enumerate(rows):
-        # JSONL lines are 1-based like an editor's; dataset rows are 0-based like `ds[i]`.
-        validate_record(rec, f"{path}:{where} {i + 1 if where == 'line' else i}")
-    return rows
+    for i, rec in enumerate(records):
+        validate_record(rec, records.where(i))
+    return records
 
 
-def _load_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+def _load_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    rows, lines = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -65,7 +88,8 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:line {lineno}: expected a JSON object")
             rows.append(rec)
-    return rows
+            lines.append(lineno)
+    return rows, lines
 
 
 def read_parquet_table(path: Path) -> Any:
@@ -113,20 +137,7 @@ def _load_dataset_dir(path: Path) -> list[dict[str, Any]]:
 def validate_record(rec: dict[str, Any], where: str) -> None:
     """Raise DataError unless rec is a usable prompt/completion or messages record."""
     if "messages" in rec and rec["messages"] is not None:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{j}] needs a string 'content'")
-            if m.get("role") not in ROLES:
-                raise DataError(f"{where}: messages[{j}].role must be one of {ROLES} "
-                                f"(got {m.get('role')!r})")
-        assistant = [m for m in msgs if m["role"] == "assistant"]
-        if not assistant:
-            raise DataError(f"{where}: no assistant message to train on")
-        if any(not m["content"].strip() for m in assistant):
-            raise DataError(f"{where}: empty assistant message")
+        _validate_messages(rec["messages"], where)
         return
     if "prompt" not in rec or "completion" not in rec:
         raise DataError(f"{where}: record needs 'prompt' and 'completion' or 'messages' "
@@ -138,15 +149,111 @@ def validate_record(rec: dict[str, Any], where: str) -> None:
         raise DataError(f"{where}: empty completion")
 
 
+def _validate_messages(msgs: Any, where: str) -> None:
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{j}] needs a string 'content'")
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}: messages[{j}].role must be one of {ROLES} "
+                            f"(got {m.get('role')!r})")
+    roles = [m["role"] for m in msgs]
+    if "assistant" not in roles:
+        raise DataError(f"{where}: no assistant message to train on")
+    if "user" not in roles:
+        raise DataError(f"{where}: no user message: an answer needs a question (chat templates "
+                        f"and the RL stage both start from a user turn)")
+    # The conversation a model is trained on must be one it can be asked: after the system
+    # prompt(s), a user turn first; and an assistant turn last, or the tail trains nothing.
+    first = next(j for j, r in enumerate(roles) if r != "system")
+    if roles[first] != "user":
+        raise DataError(f"{where}: messages[{first}] is an assistant turn before any user turn; "
+                        f"a conversation starts with the user (after an optional system prompt)")
+    if roles[-1] != "assistant":
+        raise DataError(f"{where}: ends with a {roles[-1]} turn (messages[{len(roles) - 1}]); "
+                        f"the last turn must be the assistant's answer")
+    if any(not m["content"].strip() for m in msgs if m["role"] == "assistant"):
+        raise DataError(f"{where}: empty assistant message")
+
+
+def is_messages(rec: dict[str, Any]) -> bool:
+    return rec.get("messages") is not None
+
+
 def to_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
-    if rec.get("messages") is not None:
+    if is_messages(rec):
         return [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
     return [{"role": "user", "content": rec["prompt"]},
             {"role": "assistant", "content": rec["completion"]}]
 
 
+def resolve_prompt_format(requested: str, records: list[dict[str, Any]]) -> str:
+    """--prompt_format auto -> raw when every (training) record is prompt/completion, else chat."""
+    if requested != "auto":
+        return requested
+    return "chat" if any(is_messages(r) for r in records) else "raw"
+
+
 # ---------------------------------------------------------------------------------------------
 # Formatting and masking
+
+
+@dataclass
+class Encoded:
+    """One tokenized example: ids, labels (IGNORE_INDEX outside the answer), and what ends it."""
+
+    input_ids: list[int]
+    labels: list[int]
+    end_tokens: list[int]  # the token that closes each trained answer (EOS / end of turn)
+    boundary_merged: bool = False  # raw: prompt and completion share a token (see encode_raw)
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: EOS, pad, and added control tokens (<|im_end|>)."""
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+    return ids
+
+
+def encode(rec: dict[str, Any], tokenizer: Any, prompt_format: str) -> Encoded:
+    """Tokenize one validated record in the given prompt format."""
+    if prompt_format == "raw":
+        if is_messages(rec):
+            raise DataError("a 'messages' record needs --prompt_format chat (raw format is "
+                            "for prompt/completion records)")
+        return encode_raw(rec["prompt"], rec["completion"], tokenizer)
+    return encode_chat(to_messages(rec), tokenizer)
+
+
+def encode_raw(prompt: str, completion: str, tokenizer: Any) -> Encoded:
+    """prompt + completion + EOS as plain text; loss on the completion and the EOS.
+
+    Exactly TRL's SFTTrainer for non-conversational prompt/completion data (checked against TRL
+    1.16.0, sft_trainer.py `add_eos` / `tokenize_fn` and data_utils.common_prefix_length): EOS is
+    appended unless the completion already ends with it; the prompt and prompt+completion are
+    tokenized separately, with the tokenizer's own special tokens (`tokenizer(text)`); the
+    completion starts where the two token sequences diverge. When prompt and completion merge
+    into one token at the boundary (a prompt ending mid-word or in punctuation followed by a
+    completion starting with punctuation), that token is trained as completion and the model
+    sees, in training, a prompt ending that inference never produces; we count those records
+    (`boundary_merged`) and say so at start, where TRL warns once.
+    """
+    eos = tokenizer.eos_token
+    if not eos:
+        raise DataError("the tokenizer has no EOS token, which --prompt_format raw appends to "
+                        "every completion; use --prompt_format chat or set eos_token")
+    text = prompt + (completion if completion.endswith(eos) else completion + eos)
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    ids = list(tokenizer(text)["input_ids"])
+    n = 0
+    for a, b in zip(prompt_ids, ids, strict=False):
+        if a != b:
+            break
+        n += 1
+    labels = [IGNORE_INDEX] * n + ids[n:]
+    ends = [ids[-1]] if ids and ids[-1] == tokenizer.eos_token_id else []
+    return Encoded(ids, labels, ends, boundary_merged=n < len(prompt_ids))
 
 
 def render(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
@@ -158,7 +265,12 @@ def render(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tu
     """
     if getattr(tokenizer, "chat_template", None):
         def apply(msgs: list[dict[str, str]], gen: bool) -> str:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            try:
+                return tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                     add_generation_prompt=gen)
+            except Exception as e:  # noqa: BLE001 - jinja's TemplateError, or raise_exception()
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise DataError(f"the chat template failed: {first}") from None
 
         text = apply(messages, False)
         spans = []
@@ -184,17 +296,40 @@ def render(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tu
     return text, spans
 
 
-def tokenize_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Token ids and labels; labels are IGNORE_INDEX outside assistant spans."""
+def encode_chat(messages: list[dict[str, str]], tokenizer: Any) -> Encoded:
+    """The chat rendering; loss on every assistant turn and its end-of-turn token.
+
+    The end of an answer is the last special token of its span (<|im_end|> for ChatML, EOS for
+    the fallback template); a template that ends turns with plain text is refused, since
+    generation could not stop on it.
+    """
     text, spans = render(messages, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = []
-    for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-        # A token belongs to the answer when it overlaps an assistant span; the overlap test
-        # (not "starts inside") keeps a merged boundary token such as "\n```" in the loss.
-        inside = any(e > a and s < b for a, b in spans)
-        labels.append(tok if inside else IGNORE_INDEX)
-    return list(enc["input_ids"]), labels
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    special = special_token_ids(tokenizer)
+    labels = [IGNORE_INDEX] * len(ids)
+    ends = []
+    for a, b in spans:
+        last_special = None
+        for k, (s, e) in enumerate(offsets):
+            # A token belongs to the answer when it overlaps an assistant span; the overlap test
+            # (not "starts inside") keeps a merged boundary token such as "\n```" in the loss.
+            if e > a and s < b:
+                labels[k] = ids[k]
+                if ids[k] in special:
+                    last_special = ids[k]
+        if last_special is None:
+            raise DataError(f"the chat template ends an assistant turn with {text[a:b][-12:]!r}, "
+                            f"not a special token: generation could not stop there; use "
+                            f"--prompt_format raw or a template with an end-of-turn token")
+        ends.append(last_special)
+    return Encoded(ids, labels, ends)
+
+
+def tokenize_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Chat-format token ids and labels of a conversation (see encode_chat)."""
+    enc = encode_chat(messages, tokenizer)
+    return enc.input_ids, enc.labels
 
 
 @dataclass
@@ -204,9 +339,12 @@ class TokenizedSet:
     input_ids: list[list[int]]
     labels: list[list[int]]
     ids: list[int]  # index of each kept example in the source file
+    prompt_format: str = "raw"
     dropped: int = 0
     truncated: int = 0
-    stats: dict[str, int] = field(default_factory=dict)
+    boundary_merged: int = 0
+    end_tokens: dict[int, int] = field(default_factory=dict)  # end token id -> answers it ends
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -217,27 +355,42 @@ class TokenizedSet:
 
 
 def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, max_seq_length: int,
-                     overlong: str = "drop", source: str = "data") -> TokenizedSet:
-    """Tokenize and mask every record; drop or truncate those over max_seq_length."""
-    out = TokenizedSet([], [], [])
+                     overlong: str = "drop", source: str = "data",
+                     prompt_format: str = "auto") -> TokenizedSet:
+    """Tokenize and mask every record; drop or truncate those over max_seq_length.
+
+    `auto` resolves on these records (the trainer resolves it on the training set and passes
+    the result for both sets). A truncated example keeps its prompt and the start of its
+    answer, without the end token.
+    """
+    prompt_format = resolve_prompt_format(prompt_format, records)
+    out = TokenizedSet([], [], [], prompt_format=prompt_format)
+    where = records.where if isinstance(records, Records) else (lambda i: f"{source}: record {i}")
     for i, rec in enumerate(records):
         try:
-            ids, labels = tokenize_example(to_messages(rec), tokenizer)
+            enc = encode(rec, tokenizer, prompt_format)
         except DataError as e:
-            raise DataError(f"{source}: record {i}: {e}") from None
+            raise DataError(f"{where(i)}: {e}") from None
+        ids, labels = enc.input_ids, enc.labels
         if len(ids) > max_seq_length:
             ids, labels = ids[:max_seq_length], labels[:max_seq_length]
             if overlong == "drop" or all(x == IGNORE_INDEX for x in labels[1:]):
                 out.dropped += 1
                 continue
             out.truncated += 1
+        else:
+            for t in enc.end_tokens:
+                out.end_tokens[t] = out.end_tokens.get(t, 0) + 1
+        out.boundary_merged += enc.boundary_merged
         out.input_ids.append(ids)
         out.labels.append(labels)
         out.ids.append(i)
     if not out.input_ids:
         raise DataError(f"{source}: every example is longer than --max_seq_length "
                         f"{max_seq_length}; raise it or use --overlong truncate")
-    out.stats = dict(examples=len(out), dropped=out.dropped, truncated=out.truncated,
-                     tokens=sum(map(len, out.input_ids)),
+    out.stats = dict(records=len(records), examples=len(out), dropped=out.dropped,
+                     truncated=out.truncated, tokens=sum(map(len, out.input_ids)),
                      label_tokens=sum(out.label_tokens(i) for i in range(len(out))))
+    if prompt_format == "raw":
+        out.stats["boundary_merged"] = out.boundary_merged
     return out

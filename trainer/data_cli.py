@@ -1,6 +1,7 @@
 """`qsft-data` (also `python launch/data.py`): inspect and convert SFT data, offline.
 
-    qsft-data inspect FILE... [--tokenizer DIR] [--max_seq_length N] [--histogram PNG] [--strict]
+    qsft-data inspect FILE... [--tokenizer DIR] [--max_seq_length N] [--prompt_format F]
+                      [--histogram PNG] [--strict]
     qsft-data convert SRC... --out DIR [--test_fraction F] [--overwrite]
 
 Exit status: 0 ok; 1 `inspect --strict` found duplicates or train/test overlap; 2 bad input
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="tokenizer dir to measure lengths with (default: the demo model's)")
     ins.add_argument("--max_seq_length", type=int, default=4096,
                      help="count records longer than this (default 4096, the 1.5b-32b default)")
+    ins.add_argument("--prompt_format", choices=("auto", "raw", "chat"), default="auto",
+                     help="format to measure lengths in, as train.py's flag (default auto)")
     ins.add_argument("--histogram", default="lengths.png",
                      help="length histogram PNG to write ('none' to skip)")
     ins.add_argument("--strict", action="store_true",
@@ -67,7 +70,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if histogram is not None:
         check_histogram_path(histogram)
     tokenizer = load_tokenizer(args.tokenizer)
-    lines, suspicious = inspect_files(args.files, tokenizer, args.max_seq_length, histogram)
+    lines, suspicious = inspect_files(args.files, tokenizer, args.max_seq_length, histogram,
+                                      args.prompt_format)
     print("\n".join(lines))
     return 1 if suspicious and args.strict else 0
 

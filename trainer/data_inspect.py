@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.data import DataError, load_records, to_messages, tokenize_example
+from trainer.data import DataError, encode, load_records, resolve_prompt_format, to_messages
 from trainer.near_dup import THRESHOLD, near_duplicate_pairs, normalise
 
 TASK_KINDS = ("desc2q", "py2q", "q2py")
@@ -69,9 +69,16 @@ class FileStats:
         return sum(n > max_len for n in self.lengths)
 
 
-def file_stats(path: Path, tokenizer: Any) -> FileStats:
+def file_stats(path: Path, tokenizer: Any, prompt_format: str = "auto") -> FileStats:
     records = load_records(path)  # DataError (exit 2) on anything malformed
-    lengths = sorted(len(tokenize_example(to_messages(r), tokenizer)[0]) for r in records)
+    fmt = resolve_prompt_format(prompt_format, records)  # as the trainer would for this file
+    lengths = []
+    for i, r in enumerate(records):
+        try:
+            lengths.append(len(encode(r, tokenizer, fmt).input_ids))
+        except DataError as e:
+            raise DataError(f"{records.where(i)}: {e}") from None
+    lengths.sort()
     keys = [_record_key(r) for r in records]
     exact = len(keys) - len(set(keys))
     prompts = {i: _prompt_text(r) for i, r in enumerate(records)}
@@ -105,9 +112,9 @@ def overlap(a: FileStats, b: FileStats) -> dict[str, int]:
 
 
 def inspect_files(paths: list[Path], tokenizer: Any, max_seq_length: int,
-                  histogram: Path | None) -> tuple[list[str], bool]:
+                  histogram: Path | None, prompt_format: str = "auto") -> tuple[list[str], bool]:
     """The report's lines, and whether anything suspicious (duplicates, leakage) was found."""
-    stats = [file_stats(p, tokenizer) for p in paths]
+    stats = [file_stats(p, tokenizer, prompt_format) for p in paths]
     kinds = [k for k in TASK_KINDS if any(s.kinds[k] for s in stats)]
     kinds += sorted({k for s in stats for k in s.kinds} - set(kinds))
     head = (["file", "records"] + kinds + [f"p{q}" for q in PERCENTILES]
@@ -119,7 +126,10 @@ def inspect_files(paths: list[Path], tokenizer: Any, max_seq_length: int,
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths, strict=False))) for r in [head] + rows]
-    lines.append(f"(lengths in tokens as trained: chat template applied; p50..max over records; "
+    how = {"auto": "--prompt_format auto per file: raw for prompt/completion records, chat for "
+                   "messages", "raw": "raw: prompt + completion + EOS", "chat": "chat template "
+                   "applied"}[prompt_format]
+    lines.append(f"(lengths in tokens as trained, {how}; p50..max over records; "
                  f"dups = exact duplicate records, near = prompts with a near duplicate in the "
                  f"same file (another problem's, where records name theirs), Jaccard >= "
                  f"{THRESHOLD} on character 5-grams)")

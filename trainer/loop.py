@@ -13,14 +13,23 @@ from typing import Any
 
 import torch
 
-from trainer import attention, checkpoint, dist, preflight, versions, watchdog
+from trainer import attention, checkpoint, dist, preflight, versions, watchdog, weights
 from trainer.batching import Sampler, eval_batches
 from trainer.config import ConfigError, RunConfig, resolve_ds_config
 from trainer.consolidate import BackgroundConsolidator, NullConsolidator
-from trainer.data import DataError, TokenizedSet, load_records, tokenize_records
+from trainer.data import (
+    DataError,
+    TokenizedSet,
+    load_records,
+    resolve_prompt_format,
+    tokenize_records,
+)
+from trainer.export import Export
+from trainer.export import build as build_export
+from trainer.export import describe as describe_export
 from trainer.flops import device_peak_flops, flops_per_token
 from trainer.metrics import MetricsSink, NullSink
-from trainer.model import build_model, count_parameters, load_tokenizer
+from trainer.model import build_model, count_parameters, has_weights, load_tokenizer
 
 # Fault injection for the multi-node tests: the ranks that have it raise after this step.
 RAISE_ENV = "QSFT_TEST_RAISE_AT_STEP"
@@ -39,14 +48,42 @@ def lr_lambda(warmup_steps: int, max_steps: int):
 
 
 def prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[TokenizedSet, TokenizedSet | None]:
-    """Load, validate and tokenize train and eval data (raises DataError before any model)."""
-    train = tokenize_records(load_records(cfg.train_path), tokenizer, cfg.max_seq_length,
-                             cfg.overlong, source=str(cfg.train_path))
+    """Load, validate and tokenize train and eval data (raises DataError before any model).
+
+    The prompt format is decided by the training data (--prompt_format auto) and applies to
+    the eval data too; so does --overlong.
+    """
+    records = load_records(cfg.train_path)
+    fmt = resolve_prompt_format(cfg.prompt_format, records)
+    train = tokenize_records(records, tokenizer, cfg.max_seq_length, cfg.overlong,
+                             source=str(cfg.train_path), prompt_format=fmt)
     evals = None
     if cfg.eval_path is not None:
         evals = tokenize_records(load_records(cfg.eval_path), tokenizer, cfg.max_seq_length,
-                                 cfg.overlong, source=str(cfg.eval_path))
+                                 cfg.overlong, source=str(cfg.eval_path), prompt_format=fmt)
     return train, evals
+
+
+def describe_data(name: str, path: Path, data: TokenizedSet, cfg: RunConfig) -> list[str]:
+    """Start-message lines for one data set: what was kept, dropped, cut; boundary merges."""
+    st = data.stats
+    lines = [f"{name} {path}: {st['records']} records -> {st['examples']} examples, "
+             f"{st['tokens']} tokens ({st['label_tokens']} trained)"]
+    if st["dropped"] or st["truncated"]:
+        what = (f"{st['dropped']} dropped" if cfg.overlong == "drop"
+                else f"{st['truncated']} cut to {cfg.max_seq_length} tokens"
+                + (f", {st['dropped']} dropped (nothing left to train)" if st["dropped"] else ""))
+        lines.append(f"{name}: {st['dropped'] + st['truncated']} of {st['records']} records are "
+                     f"longer than --max_seq_length {cfg.max_seq_length}: {what} "
+                     f"(--overlong {cfg.overlong})"
+                     + ("; the eval loss leaves them out" if name == "eval" and st["dropped"]
+                        else ""))
+    if st.get("boundary_merged"):
+        lines.append(f"warning: {name}: in {st['boundary_merged']} of {st['examples']} records "
+                     f"the prompt's last token merges with the completion's first (raw format, "
+                     f"as TRL's SFTTrainer): the model trains on a prompt ending that inference "
+                     f"never produces; end the prompts on a token boundary, e.g. a newline")
+    return lines
 
 
 def build_optimizer(model: Any, cfg: RunConfig, ds_config: dict[str, Any]) -> Any:
@@ -74,6 +111,7 @@ class Run:
     engine: Any
     scheduler: Any
     tokenizer: Any
+    export: Export  # what each checkpoint's hf/ holds besides the weights
     train_set: TokenizedSet
     eval_set: TokenizedSet | None
     sampler: Sampler
@@ -114,7 +152,10 @@ def setup(cfg: RunConfig) -> Run:
     try:
         ds_config = resolve_ds_config(cfg, world)
         tokenizer = load_tokenizer(cfg.model_dir)
+        # Names and shapes of the base weights against config.json, from the file headers.
+        weight_index = weights.check_files(cfg.model_dir) if has_weights(cfg.model_dir) else {}
         train_set, eval_set = prepare_data(cfg, tokenizer)
+        export = build_export(cfg.model_dir, tokenizer, train_set, cfg.prompt_format)
         resume_from = checkpoint.find_resume_point(cfg)
     except (ConfigError, DataError) as e:
         local_error = e
@@ -138,8 +179,14 @@ def setup(cfg: RunConfig) -> Run:
                       pack_to=cfg.max_seq_length if cfg.packing else None)
     dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
              else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    t_load = time.perf_counter()
     model, hf_ds_config = build_model(cfg.model_dir, ds_config, dtype,
                                       cfg.gradient_checkpointing, cfg.seed)
+    t_load = time.perf_counter() - t_load
+    load_check = None
+    if weight_index and cfg.load_check:  # every rank its own partition; the outcome gathered
+        load_check = weights.verify_loaded(model, weight_index, cfg.model_dir)
+        preflight.gather_errors(ConfigError(load_check.error) if load_check.error else None)
     num_params = count_parameters(model)
     schedule = lr_lambda(cfg.resolved_warmup_steps, cfg.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -156,10 +203,23 @@ def setup(cfg: RunConfig) -> Run:
         sink = MetricsSink(cfg.output_dir, cfg.max_steps, state.step,
                            wandb_cfg=_wandb_cfg(cfg, ds_config_file, state) if cfg.wandb else None)
         state.wandb_run_id = sink.wandb_run_id
-        write_run_config(cfg, ds_config_file, world, num_params)
+        write_run_config(cfg, ds_config_file, world, num_params, export.info,
+                         train_set, eval_set)
+        sink.eval_data = eval_set.stats if eval_set is not None else None
         sink.message(f"model {cfg.model_dir} ({num_params / 1e6:.2f}M params, {dtype}), world "
-                     f"{world}, global batch {sampler.global_batch}, {train_set.stats}, "
-                     f"{sampler.steps_per_epoch} steps/epoch")
+                     f"{world}, global batch {sampler.global_batch}, "
+                     f"{sampler.steps_per_epoch:.1f} steps/epoch")
+        if load_check is not None:
+            sink.message(f"base weights loaded in {t_load:.1f}s and checked against the files "
+                         f"on every rank (rank 0: {load_check.tensors} tensors, "
+                         f"{load_check.bytes_read / 2**20:.1f} MiB read in "
+                         f"{load_check.seconds:.1f}s"
+                         + (f", {load_check.skipped} on NVMe not checked"
+                            if load_check.skipped else "") + ")")
+        sink.message(describe_export(export.info))
+        for line in describe_data("train", cfg.train_path, train_set, cfg) + (
+                describe_data("eval", cfg.eval_path, eval_set, cfg) if eval_set else []):
+            sink.message(line)
         if resume_from is not None:
             for tag in resume_from.skipped:
                 sink.message(f"ignoring {tag}: incomplete (a save was interrupted)")
@@ -172,8 +232,8 @@ def setup(cfg: RunConfig) -> Run:
         consolidator = BackgroundConsolidator(Path(cfg.output_dir) / "logs", sink.message)
     probe_set = eval_set or train_set
     probe_ids = torch.tensor([probe_set.input_ids[0][:64]])
-    run = Run(cfg, engine, scheduler, tokenizer, train_set, eval_set, sampler, state, sink,
-              num_params, world, wall0, probe_ids, consolidator, hf_ds_config)
+    run = Run(cfg, engine, scheduler, tokenizer, export, train_set, eval_set, sampler, state,
+              sink, num_params, world, wall0, probe_ids, consolidator, hf_ds_config)
     run.flops_per_token = flops_per_token(
         model.config, num_params, train_set.stats["tokens"] / len(train_set),
         train_set.stats["label_tokens"] / max(1, train_set.stats["tokens"]))
@@ -310,7 +370,7 @@ def save(run: Run) -> None:
     tag_dir = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.tag_for(state.step)
     if state.step == run.resumed_at and checkpoint.read_marker(tag_dir):
         return  # resumed here and stopped before another step: this checkpoint is the state
-    path, seconds, size = checkpoint.save(run.engine, cfg.output_dir, state, run.tokenizer,
+    path, seconds, size = checkpoint.save(run.engine, cfg.output_dir, state, run.export,
                                           run.probe_ids)
     sink.message(f"saved {path} in {seconds:.1f}s ({size / 2**20:.1f} MiB)")
     run.consolidator.wait()  # never prune a checkpoint that is still being consolidated
@@ -384,7 +444,8 @@ def finish(run: Run) -> dict[str, Any]:
                    mfu=sum(run.mfu) / len(run.mfu) if run.mfu else float("nan"),
                    eval=state.eval_history, stopped=run.stopped,
                    train_seconds=run.train_seconds, examples_seen=state.examples_seen,
-                   tokens_seen=state.tokens_seen)
+                   tokens_seen=state.tokens_seen,
+                   eval_data=run.eval_set.stats if run.eval_set is not None else None)
     if torch.cuda.is_available():
         summary["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     run.sink.write_summary(summary)
@@ -411,13 +472,17 @@ def evaluate(engine: Any, data: TokenizedSet, batch: int, pad_id: int) -> float:
     return total / max(n, 1)
 
 
-def write_run_config(cfg: RunConfig, ds_config: dict[str, Any], world: int, num_params: int
-                     ) -> None:
+def write_run_config(cfg: RunConfig, ds_config: dict[str, Any], world: int, num_params: int,
+                     data_format: dict[str, Any], train: TokenizedSet,
+                     evals: TokenizedSet | None) -> None:
     import yaml
 
+    data = dict(data_format, train=dict(path=str(cfg.train_path), **train.stats))
+    if evals is not None:
+        data["eval"] = dict(path=str(cfg.eval_path), **evals.stats)
     resolved = dict(run=cfg.model_dump(mode="json"), deepspeed=ds_config, world_size=world,
                     num_parameters=num_params, warmup_steps=cfg.resolved_warmup_steps,
-                    versions=versions())
+                    data=data, versions=versions())
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
@@ -441,6 +506,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"eval loss {first['eval_loss']:.4f} (step {first['step']}) -> "
                      f"{last['eval_loss']:.4f} (step {last['step']}); best "
                      f"{best['eval_loss']:.4f} at step {best['step']}")
+        data = s.get("eval_data") or {}
+        if data.get("dropped"):
+            lines.append(f"eval over {data['examples']} of {data['records']} records: "
+                         f"{data['dropped']} longer than --max_seq_length were left out")
     c = s["consolidated"]
     if c:
         lines += [f"consolidated checkpoint: {c}",

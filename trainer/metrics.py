@@ -17,6 +17,7 @@ class NullSink:
     """What non-zero ranks log to: nothing."""
 
     wandb_run_id: str | None = None
+    eval_data: dict[str, Any] | None = None  # the eval set's counts, kept and dropped
 
     def log_step(self, record: dict[str, Any]) -> None: ...
     def log_eval(self, history: list[dict[str, Any]]) -> None: ...
@@ -70,7 +71,8 @@ class MetricsSink(NullSink):
         last, best = history[-1], min(history, key=lambda r: r["eval_loss"])
         tmp = self.logs / "eval_results.json.tmp"
         tmp.write_text(json.dumps({"history": history, "best_step": best["step"],
-                                   "best_eval_loss": best["eval_loss"]}, indent=2) + "\n")
+                                   "best_eval_loss": best["eval_loss"],
+                                   "eval_data": self.eval_data}, indent=2) + "\n")
         os.replace(tmp, self.logs / "eval_results.json")
         self.message(f"eval step {last['step']}: loss {last['eval_loss']:.4f} perplexity "
                      f"{last['perplexity']:.2f} (best {best['eval_loss']:.4f} at step "
