@@ -70,3 +70,28 @@ def test_prune_keeps_last_k_and_the_best(tmp_path):
                                                           "checkpoint-40"]
     assert (root / "checkpoint-50").is_dir()  # incomplete ones are not ours to judge here
     assert prune(tmp_path, keep_last=0, keep_best=False, state=state) == []
+
+
+def _info(fmt, ends=(2,)):
+    return {"prompt_format": fmt, "end_tokens": [{"id": t} for t in ends]}
+
+
+def test_resume_refuses_another_prompt_format_or_end_token(tmp_path):
+    from trainer.checkpoint import check_format
+
+    _fake_run(tmp_path, [10])
+    marker = tmp_path / "checkpoints" / "checkpoint-10" / COMPLETE
+    # Written before formats were recorded: every run then used the chat template.
+    old = find_resume_point(_cfg(tmp_path))
+    check_format(old, _info("chat"), "chat")
+    with pytest.raises(ConfigError, match=r"trained in the chat prompt format, this run would "
+                                          r"train raw \(--prompt_format auto picks it"):
+        check_format(old, _info("raw"), "auto")
+    marker.write_text(json.dumps({"step": 10, "world_size": 2, "data_format": {
+        "prompt_format": "raw", "end_tokens": [0]}}))
+    point = find_resume_point(_cfg(tmp_path))
+    check_format(point, _info("raw", [0]), "auto")
+    with pytest.raises(ConfigError, match="pass --prompt_format raw to continue it"):
+        check_format(point, _info("chat", [2]), "chat")
+    with pytest.raises(ConfigError, match=r"end with token\(s\) \[0\], this run's"):
+        check_format(point, _info("raw", [2]), "raw")

@@ -214,13 +214,13 @@ def test_prompt_format_auto_follows_the_training_records():
     assert resolve_prompt_format("chat", [GOOD]) == "chat"
 
 
-def test_messages_in_raw_format_name_file_and_line(tmp_path, tok):
+def test_messages_in_raw_format_name_file_and_line(tmp_path, fmt_tok):
     chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(chat) + "\n")  # a blank line 2
     with pytest.raises(DataError, match=r"mixed.jsonl:line 3: a 'messages' record needs "
                                         r"--prompt_format chat"):
-        tokenize_records(load_records(path), tok, 512, prompt_format="raw")
+        tokenize_records(load_records(path), fmt_tok, 512, prompt_format="raw")
 
 
 def test_chat_template_errors_name_file_and_line(tmp_path):
@@ -245,7 +245,8 @@ def test_template_without_an_end_of_turn_token_is_refused(tok):
 
 
 @pytest.mark.parametrize("fmt", ["raw", "chat"])
-def test_overlong_dropped_or_truncated(tok, fmt):
+def test_overlong_dropped_or_truncated(fmt_tok, fmt):
+    tok = fmt_tok
     recs = [GOOD, {"prompt": "p", "completion": "x " * 400}]
     dropped = tokenize_records(recs, tok, max_seq_length=64, overlong="drop", prompt_format=fmt)
     assert (len(dropped), dropped.dropped, dropped.truncated) == (1, 1, 0)

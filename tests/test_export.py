@@ -15,8 +15,10 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import launch, qwen_layout_model, sharded_model
-
-pytestmark = pytest.mark.multirank
+from trainer.config import ConfigError
+from trainer.data import tokenize_records
+from trainer.export import build as build_export
+from trainer.model import load_tokenizer
 
 # Short, distinct answers that a 3.85M-parameter model over-fits in a few hundred steps.
 RECORDS = [
@@ -51,6 +53,7 @@ def _jsonl(path, records):
     return path
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_sharded_base_weights_arrive_bit_identical(tmp_path, tied):
     """3 safetensors shards + index, loaded under ZeRO-3 on 2 ranks and checked on each; one
@@ -76,6 +79,51 @@ def test_sharded_base_weights_arrive_bit_identical(tmp_path, tied):
     assert torch.equal(model.model.embed_tokens.weight, given["model.embed_tokens.weight"])
 
 
+@pytest.mark.multirank
+def test_a_parameter_that_did_not_load_stops_every_rank(tmp_path):
+    """Under real ZeRO-3 on 2 ranks: rank 1's share of one parameter differs after the load (as
+    if left at its init); every rank stops with one line naming it and the rank, exit 2."""
+    base = sharded_model(tmp_path / "base")
+    data = _jsonl(tmp_path / "train.jsonl", RECORDS)
+    res = launch("launch/train.py", ["--model_size", "tiny", "--base_model", str(base),
+                                     "--train_file", str(data), "--output_dir",
+                                     str(tmp_path / "out"), "--max_steps", "1", "--no-packing"],
+                 nproc=2, tmp=tmp_path, timeout=300,
+                 env={"QSFT_TEST_CORRUPT_LOAD_ON_RANK": "1"})
+    assert res.returncode != 0
+    errors = [x for x in res.stdout.splitlines() if "qsft: error:" in x]
+    assert len(errors) == 1, res.stdout[-3000:]
+    assert ("rank 1 on" in errors[0] and "model.layers.0.mlp.up_proj.weight differs from the "
+            "weight files" in errors[0]), errors[0]
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_export_per_format_on_the_qwen_layout(tmp_path):
+    """What each format writes, before any training: the end token learned, then the base's."""
+    model = qwen_layout_model(tmp_path / "m")
+    tok = load_tokenizer(model)
+    chat = [{"messages": [{"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["completion"]}]} for r in RECORDS]
+    raw = build_export(model, tok, tokenize_records(RECORDS, tok, 256), "auto")
+    assert raw.info["prompt_format"] == "raw" and raw.generation_config.eos_token_id == 0
+    assert raw.tokenizer is tok and raw.eos_token_id is None  # EOS already ends the answer
+    chat = build_export(model, tok, tokenize_records(chat, tok, 256), "auto")
+    assert chat.generation_config.eos_token_id == [2, 0]  # <|im_end|>, then <|endoftext|>
+    assert (chat.tokenizer.eos_token, chat.eos_token_id) == ("<|im_end|>", 2)
+    assert tok.eos_token == "<|endoftext|>"  # the tokenizer in training is not changed
+    assert chat.info["end_tokens"] == [{"id": 2, "token": "<|im_end|>", "answers": 4}]
+
+
+def test_a_base_generation_config_transformers_cannot_save_fails_at_start(tmp_path):
+    model = qwen_layout_model(tmp_path / "m")
+    (model / "generation_config.json").write_text(json.dumps(
+        {"do_sample": False, "temperature": 0.7, "eos_token_id": 0}))
+    tok = load_tokenizer(model)
+    with pytest.raises(ConfigError, match=r"generation_config.json: transformers refuses to save "
+                                          r"it: `temperature`"):
+        build_export(model, tok, tokenize_records(RECORDS, tok, 256), "auto")
+
+
 def _prompt_ids(tok, rec, fmt):
     """How the RL stage must format prompts (README): raw text, or the chat template."""
     if fmt == "raw":
@@ -85,6 +133,7 @@ def _prompt_ids(tok, rec, fmt):
                                    return_dict=True)["input_ids"]
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("fmt", ["raw", "chat"])
 def test_generation_stops_where_training_taught_answers_to_end(tmp_path, fmt):
     base = qwen_layout_model(tmp_path / "base")  # no weights: trained from its seeded init

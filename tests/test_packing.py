@@ -66,6 +66,24 @@ def test_collate_packed_restarts_positions_and_cuts_label_boundaries(data):
     assert "attention_mask" not in mb
 
 
+def test_eos_is_trained_where_pad_is_eos(tmp_path):
+    """Qwen2.5 base releases pad with their EOS (<|endoftext|>). Padding must never mask the EOS
+    that ends each raw-format answer: labels come from the examples, not from the pad id."""
+    from tests.conftest import qwen_layout_model
+
+    tok = load_tokenizer(qwen_layout_model(tmp_path / "m"))
+    assert tok.pad_token_id == tok.eos_token_id
+    recs = [{"prompt": f"Task {i}.\n", "completion": "x" * (i + 1)} for i in range(3)]
+    ts = tokenize_records(recs, tok, 64, prompt_format="raw")
+    for mb in (collate_packed([[0, 1, 2]], ts, tok.pad_token_id),
+               collate(ts.input_ids, ts.labels, tok.pad_token_id)):
+        labels, ids = mb["labels"], mb["input_ids"]
+        trained_eos = int(((labels == tok.eos_token_id) & (ids == tok.eos_token_id)).sum())
+        assert trained_eos == 3  # one per answer
+        pad = (ids == tok.pad_token_id) & (labels == IGNORE_INDEX)
+        assert int(pad.sum()) == ids.numel() - sum(map(len, ts.input_ids))  # the tail padding
+
+
 @pytest.mark.parametrize("attn", ATTNS)
 def test_packed_step_equals_unpacked_loss_and_gradients(data, attn):
     ts, tok = data

@@ -102,6 +102,7 @@ class ResumePoint:
     tag_dir: Path
     world_size: int  # ranks that wrote it
     skipped: list[str]  # newer tags that were not complete
+    marker: dict[str, Any] = field(default_factory=dict)  # its COMPLETE file
 
 
 def find_resume_point(cfg: RunConfig) -> ResumePoint | None:
@@ -135,7 +136,31 @@ def find_resume_point(cfg: RunConfig) -> ResumePoint | None:
             # --keep_last would count them. Going back in time is explicit.
             raise ConfigError(f"--resume {tag_dir}: newer checkpoints {newer} exist in {root}; "
                               f"move them away or delete them before going back")
-    return ResumePoint(tag_dir, int(read_marker(tag_dir)["world_size"]), skipped)
+    marker = read_marker(tag_dir)
+    return ResumePoint(tag_dir, int(marker["world_size"]), skipped, marker)
+
+
+def check_format(point: ResumePoint, info: dict[str, Any], requested: str) -> None:
+    """Refuse to continue a checkpoint in another prompt format or with other end tokens.
+
+    The format decides what every later step trains on and which tokens the saved generation
+    config stops on; a run continued in another one would end up with a model trained on both
+    and a checkpoint that describes only the second. Checkpoints written before the format was
+    recorded were all trained with the chat template.
+    """
+    saved = point.marker.get("data_format") or {"prompt_format": "chat"}
+    if saved["prompt_format"] != info["prompt_format"]:
+        how = ("--prompt_format auto picks it for this data" if requested == "auto"
+               else f"--prompt_format {requested}")
+        raise ConfigError(f"--resume: {point.tag_dir} was trained in the {saved['prompt_format']} "
+                          f"prompt format, this run would train {info['prompt_format']} ({how}); "
+                          f"pass --prompt_format {saved['prompt_format']} to continue it, or "
+                          f"start a new --output_dir")
+    ends = [e["id"] for e in info["end_tokens"]]
+    if "end_tokens" in saved and saved["end_tokens"] != ends:
+        raise ConfigError(f"--resume: {point.tag_dir} taught answers to end with token(s) "
+                          f"{saved['end_tokens']}, this run's tokenizer and data end them with "
+                          f"{ends}; use the tokenizer it was trained with")
 
 
 def clear_previous_run(output_dir: Path) -> None:
@@ -206,8 +231,11 @@ def save(engine: Any, output_dir: Path, state: TrainerState, export: Any,
             os.kill(os.getpid(), signal.SIGKILL)
         files = {str(p.relative_to(tag_dir)): p.stat().st_size
                  for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+        data_format = {"prompt_format": export.info["prompt_format"],
+                       "end_tokens": [e["id"] for e in export.info["end_tokens"]]}
         _atomic_write(tag_dir / COMPLETE, json.dumps(
             {"step": state.step, "world_size": dist.world_size(), "files": files,
+             "data_format": data_format,
              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
         _atomic_write(root / "latest", tag)  # DeepSpeed's format: the tag name
     dist.barrier()

@@ -10,8 +10,10 @@ records:
   on `<|endoftext|>` only; trained in the chat format, answers end with `<|im_end|>`, and
   without it here generation would run past every answer;
 - the tokenizer, whose EOS is the end of an answer (in the chat format, the template's
-  end-of-turn token, as in Qwen2.5-Instruct releases: TRL's GRPO finds the end of a completion
-  by `tokenizer.eos_token_id`);
+  end-of-turn token, as in Qwen2.5-Instruct releases). TRL 1.16's GRPOTrainer ends completions
+  on the generation config's ids plus the tokenizer's EOS (grpo_trainer.py, `eos_token_ids`),
+  and vLLM stops on the generation config's ids too (`update_from_generation_config`); older
+  tools and hand-written loops often use `tokenizer.eos_token_id` alone;
 - `training_format.json` (consolidation moves it into `manifest.json`): the prompt format and the
   exact end tokens trained.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.config import ConfigError
 from trainer.consolidate import FORMAT_FILE
 from trainer.data import TokenizedSet
 
@@ -76,6 +79,12 @@ def build(model_dir: Path, tokenizer: Any, train: TokenizedSet, requested: str) 
         gen.eos_token_id = stop[0] if len(stop) == 1 else stop
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
+    try:  # what save_pretrained checks: fail here, not at the first checkpoint
+        gen.validate(strict=True)
+    except ValueError as e:
+        first = next((x.strip(" -") for x in str(e).splitlines()[1:] if x.strip()), str(e))
+        raise ConfigError(f"{model_dir / 'generation_config.json'}: transformers refuses to save "
+                          f"it: {first}") from None
     saved_tokenizer, eos_id = tokenizer, None
     if len(ends) == 1 and ends[0] != tokenizer.eos_token_id:
         # Chat format: the answer ends with the template's end-of-turn token, which becomes

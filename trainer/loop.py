@@ -33,6 +33,9 @@ from trainer.model import build_model, count_parameters, has_weights, load_token
 
 # Fault injection for the multi-node tests: the ranks that have it raise after this step.
 RAISE_ENV = "QSFT_TEST_RAISE_AT_STEP"
+# Fault injection for the load-check test: this rank's share of one parameter is changed after
+# loading, as if transformers had left it at its initial value.
+CORRUPT_ENV = "QSFT_TEST_CORRUPT_LOAD_ON_RANK"
 
 
 def lr_lambda(warmup_steps: int, max_steps: int):
@@ -157,6 +160,8 @@ def setup(cfg: RunConfig) -> Run:
         train_set, eval_set = prepare_data(cfg, tokenizer)
         export = build_export(cfg.model_dir, tokenizer, train_set, cfg.prompt_format)
         resume_from = checkpoint.find_resume_point(cfg)
+        if resume_from is not None:
+            checkpoint.check_format(resume_from, export.info, cfg.prompt_format)
     except (ConfigError, DataError) as e:
         local_error = e
     except OSError as e:  # e.g. a permission error on one node's copy of a path
@@ -165,6 +170,9 @@ def setup(cfg: RunConfig) -> Run:
     preflight.gather_errors(local_error)
     preflight.check_output_dir(cfg.output_dir)
     preflight.agree("resume point", str(resume_from.tag_dir) if resume_from else "none (start)")
+    # A node with another copy of the base model (or none: it would start from random weights)
+    # would build a different model and hang or corrupt the first collective.
+    preflight.agree("base model weight files", weights.signature(cfg.model_dir))
     if world > 1:
         watchdog.start(cfg.rank_timeout_s)
     if resume_from is not None and resume_from.world_size != world:
@@ -184,7 +192,11 @@ def setup(cfg: RunConfig) -> Run:
                                       cfg.gradient_checkpointing, cfg.seed)
     t_load = time.perf_counter() - t_load
     load_check = None
-    if weight_index and cfg.load_check:  # every rank its own partition; the outcome gathered
+    # Every rank its own partition, the outcome gathered. Not on resume: the checkpoint's weights
+    # replace the base weights, and DeepSpeed's loader checks its own files.
+    if weight_index and cfg.load_check and resume_from is None:
+        if os.environ.get(CORRUPT_ENV) == str(dist.rank()):  # fault injection for the tests
+            weights.corrupt_for_test(model)
         load_check = weights.verify_loaded(model, weight_index, cfg.model_dir)
         preflight.gather_errors(ConfigError(load_check.error) if load_check.error else None)
     num_params = count_parameters(model)
@@ -209,6 +221,9 @@ def setup(cfg: RunConfig) -> Run:
         sink.message(f"model {cfg.model_dir} ({num_params / 1e6:.2f}M params, {dtype}), world "
                      f"{world}, global batch {sampler.global_batch}, "
                      f"{sampler.steps_per_epoch:.1f} steps/epoch")
+        if weight_index and resume_from is not None:
+            sink.message(f"base weights loaded in {t_load:.1f}s, not compared with the files: "
+                         f"resuming replaces them with {resume_from.tag_dir.name}")
         if load_check is not None:
             sink.message(f"base weights loaded in {t_load:.1f}s and checked against the files "
                          f"on every rank (rank 0: {load_check.tensors} tensors, "
@@ -507,9 +522,10 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{last['eval_loss']:.4f} (step {last['step']}); best "
                      f"{best['eval_loss']:.4f} at step {best['step']}")
         data = s.get("eval_data") or {}
-        if data.get("dropped"):
+        if data.get("dropped") or data.get("truncated"):
             lines.append(f"eval over {data['examples']} of {data['records']} records: "
-                         f"{data['dropped']} longer than --max_seq_length were left out")
+                         f"{data['dropped']} longer than --max_seq_length left out, "
+                         f"{data['truncated']} cut to it")
     c = s["consolidated"]
     if c:
         lines += [f"consolidated checkpoint: {c}",
