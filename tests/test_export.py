@@ -143,14 +143,15 @@ def test_generation_stops_where_training_taught_answers_to_end(tmp_path, fmt):
         data = _jsonl(tmp_path / "train.jsonl", [{"messages": [
             {"role": "user", "content": r["prompt"]},
             {"role": "assistant", "content": r["completion"]}]} for r in RECORDS])
-    out, log = _train(tmp_path, base, data, "--max_steps", "200", "--save_steps", "200",
+    steps = "100" if fmt == "raw" else "200"  # the chat prompts share a long system prompt
+    out, log = _train(tmp_path, base, data, "--max_steps", steps, "--save_steps", steps,
                       "--learning_rate", "3e-3", "--warmup_steps", "2")
-    model, tok = _load_like_trl(out / "checkpoints" / "checkpoint-200" / "consolidated")
+    cons = out / "checkpoints" / f"checkpoint-{steps}" / "consolidated"
+    model, tok = _load_like_trl(cons)
     endoftext, im_end = (tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
     end = endoftext if fmt == "raw" else im_end
     # What training taught, recorded everywhere the RL stage or a person looks.
-    manifest = json.loads((out / "checkpoints" / "checkpoint-200" / "consolidated" /
-                           "manifest.json").read_text())
+    manifest = json.loads((cons / "manifest.json").read_text())
     recorded = yaml.safe_load((out / "config.yaml").read_text())["data"]
     for info in (manifest, recorded):
         assert info["prompt_format"] == fmt

@@ -299,8 +299,12 @@ def render(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tu
 def encode_chat(messages: list[dict[str, str]], tokenizer: Any) -> Encoded:
     """The chat rendering; loss on every assistant turn and its end-of-turn token.
 
-    The end of an answer is the last special token of its span (<|im_end|> for ChatML, EOS for
-    the fallback template); a template that ends turns with plain text is refused, since
+    For a single-turn record this trains exactly what TRL 1.16 trains for conversational
+    prompt/completion data (everything after the prompt rendered with the generation prompt:
+    the answer, <|im_end|> and the template's newline); for several turns every assistant turn
+    is trained, which TRL does only with templates carrying {% generation %} markers. The end
+    of an answer is the last special token of its span (<|im_end|> for ChatML, EOS for the
+    fallback template); a template that ends turns with plain text is refused, since
     generation could not stop on it.
     """
     text, spans = render(messages, tokenizer)
