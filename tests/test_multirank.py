@@ -19,19 +19,21 @@ pytestmark = pytest.mark.multirank
 PROBE = "tests/scripts/probe.py"
 
 
-def _grads(tmp_path, nproc: int, accum: int, packing: bool) -> dict:
+def _grads(tmp_path, nproc: int, accum: int, packing: bool, base_model=None) -> dict:
     out = tmp_path / f"grads_{nproc}.pt"
+    extra = ["--base_model", str(base_model)] if base_model else []
     res = launch(PROBE, ["grads", str(out), "--model_size", "tiny", "--output_dir",
                          str(tmp_path / f"o{nproc}"), "--batch_size", "2",
                          "--gradient_accumulation_steps", str(accum), "--seed", "3",
                          "--max_seq_length", "512",  # as _reference_grads packs
-                         "--packing" if packing else "--no-packing"],
+                         "--packing" if packing else "--no-packing", *extra],
                  nproc=nproc, tmp=tmp_path, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:]
     return torch.load(out)
 
 
-def _reference_grads(init: dict, seed: int, packing: bool, naive: bool = False) -> dict:
+def _reference_grads(init: dict, seed: int, packing: bool, naive: bool = False,
+                     model_dir=ASSETS_DIR / "tiny_model") -> dict:
     """Plain PyTorch, one process, no DeepSpeed: the gradient of the step's loss.
 
     Correct: sum of target-token CE over the whole global batch / its target tokens.
@@ -43,13 +45,14 @@ def _reference_grads(init: dict, seed: int, packing: bool, naive: bool = False) 
     data = tokenize_records(load_records(ASSETS_DIR / "q_sft_train.jsonl"), tok, 512)
     batches = Sampler(data, micro=2, accum=4, world=1, rank=0, seed=seed,
                       pad_id=tok.pad_token_id, pack_to=512 if packing else None).step(0)
-    config = AutoConfig.from_pretrained(ASSETS_DIR / "tiny_model")
+    config = AutoConfig.from_pretrained(model_dir)
     config.use_cache = False
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              attn_implementation="sdpa")
     missing, unexpected = model.load_state_dict(init, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied: re-tied on load
-    model.tie_weights()
+    if config.tie_word_embeddings:
+        model.tie_weights()
     total = torch.zeros(())
     for mb in batches.micro_batches:
         if naive:
@@ -78,6 +81,21 @@ def test_loss_normalisation_1rank_ga4_equals_2ranks_ga2(tmp_path, packing):
     assert _max_rel_diff(one["grads"], two["grads"]) < 1e-5
     # The test can fail: a mean of per-micro-batch means is measurably different here.
     assert _max_rel_diff(naive, ref) > 1e-2
+
+
+def test_untied_output_weight_gets_its_gradient_under_zero3(tmp_path):
+    """The chunked loss runs inside the engine's forward, so a separate (untied) output weight
+    is gathered for it and its gradient reduced: 2 ranks equal plain PyTorch to 1e-5."""
+    import shutil
+
+    model_dir = shutil.copytree(ASSETS_DIR / "tiny_model", tmp_path / "untied")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    two = _grads(tmp_path, nproc=2, accum=2, packing=True, base_model=model_dir)
+    assert "lm_head.weight" in two["init"]
+    ref = _reference_grads(two["init"], seed=3, packing=True, model_dir=model_dir)
+    assert _max_rel_diff(two["grads"], ref) < 1e-5
+    assert float(two["grads"]["lm_head.weight"].norm()) > 0
 
 
 def test_end_to_end_output_layout(trained):
@@ -119,6 +137,12 @@ def test_end_to_end_output_layout(trained):
     config = json.loads((cons / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["use_cache"] is True
     assert manifest["prompt_format"] == "raw" and manifest["end_tokens"][0]["token"] == "<|im_end|>"
+    # The kernels chosen (a CPU: the per-example loop) are said at start and recorded.
+    import yaml
+
+    kernels = yaml.safe_load((out / "config.yaml").read_text())["kernels"]
+    assert kernels == {"attention": "loop", "loss": "chunked", "loss_chunk_rows": 2**26 // 3514}
+    assert "attention loop (causal SDPA per packed example), loss chunked" in stdout
 
 
 def test_eval_records_that_do_not_fit_are_counted_and_reported(trained):

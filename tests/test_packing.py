@@ -32,9 +32,9 @@ def _model(attn: str):
 
 
 def _extra(mb: dict, attn: str) -> dict:
-    """What the trainer adds to a packed micro-batch for its own attention (trainer.loop)."""
+    """What the trainer adds to a packed micro-batch for its own attention (trainer.loss)."""
     if attn == attention.NAME and "attention_mask" not in mb:
-        return {"packed_segments": attention.packed_segments(mb["position_ids"])}
+        return {"packed": attention.Packed.from_position_ids(mb["position_ids"])}
     return {}
 
 
@@ -140,21 +140,21 @@ def test_packed_attention_matches_the_masked_sdpa_path(data):
                                       for b, f in zip(bins[:3], fills, strict=True)]
     ours, theirs = _model(attention.NAME), _model("sdpa")
     theirs.load_state_dict(ours.state_dict())
-    out_ours = ours(**mb, packed_segments=spans, num_items_in_batch=1)
+    out_ours = ours(**mb, **_extra(mb, attention.NAME), num_items_in_batch=1)
     out_theirs = theirs(**mb, num_items_in_batch=1)
     assert torch.allclose(out_ours.logits, out_theirs.logits, rtol=0, atol=1e-5)
     out_ours.loss.backward()
     out_theirs.loss.backward()
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         assert float((p.grad - q.grad).norm() / q.grad.norm()) < 1e-5, name
-    # Without the spans (evaluation, direct calls) it is transformers' masked sdpa exactly.
-    assert torch.equal(ours(**mb).logits, theirs(**mb).logits)
+    # Called directly, without the boundaries: derived from the position_ids, same result.
+    assert torch.allclose(ours(**mb).logits, out_theirs.logits, rtol=0, atol=1e-5)
 
 
 def test_trainer_loss_on_packed_rows_equals_the_models_loss(data):
-    """trainer.loop.summed_loss (rows laid end to end, logits only at target positions, our
+    """trainer.loss.summed_loss (rows laid end to end, chunked loss at the target positions, our
     attention) against transformers' own loss and masked sdpa on the same 3-row batch."""
-    from trainer.loop import summed_loss
+    from trainer.loss import summed_loss
 
     ts, tok = data
     bins = pack_bfd([len(x) for x in ts.input_ids], list(range(30)), capacity=512)

@@ -34,7 +34,7 @@ _SMALL = dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_s
               max_seq_length=4096, logging_steps=10, consolidate="final")
 # 14b/32b consolidate every checkpoint, as the original pipeline did.
 # They also checkpoint activations: without it neither fits 80 GB GPUs at 4096 tokens
-# (launch/plan.py: 14b needs 94 GB per GPU on 8 GPUs, 46 GB with it).
+# (launch/plan.py: 14b needs 90 GB per GPU on 8 GPUs, 42 GB with it).
 _LARGE = dict(_SMALL, learning_rate=4e-6, save_every_n_steps=50, batch_size=1,
               gradient_accumulation_steps=8, consolidate="every", gradient_checkpointing=True)
 SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -88,6 +88,13 @@ class RunConfig(BaseModel):
         description="write checkpoint-N/consolidated/ after every save, the last one, or never")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     packing: bool = Field(True, description="pack examples into max_seq_length sequences")
+    attention: Literal["auto", "varlen", "flash", "loop", "masked"] = Field(
+        "auto", description="attention over packed examples: auto = varlen on CUDA (torch "
+        ">= 2.10), else flash where flash-attn is installed, else loop (the CPU path); masked = "
+        "transformers' sdpa with a block mask (benchmarks, debugging)")
+    loss: Literal["chunked", "full"] = Field(
+        "chunked", description="chunked: cross-entropy from the hidden states in vocabulary "
+        "chunks; full: all target logits at once (the old path, for benchmarks)")
     load_check: bool = Field(True, description="after loading --base_model, compare every "
                              "rank's share of the weights with the files (catches parameters "
                              "left at their initial values)")

@@ -6,7 +6,7 @@ tied to it), L is the number of layers, d the hidden size and ℓ the mean examp
 causal, block-diagonal attention scores and mixes on average ℓ/2 earlier positions per token, at
 2·2·d FLOPs each forward and twice that backward (PaLM's accounting, halved for causality).
 The output projection (vocab × d) counts only for the share of tokens that are loss positions:
-the trainer computes logits nowhere else (trainer/loop.summed_loss), so counting it for prompt
+the trainer computes logits nowhere else (trainer/loss.summed_loss), so counting it for prompt
 tokens would credit work never done. Recomputation (gradient checkpointing) is not counted
 either: MFU measures useful work.
 """

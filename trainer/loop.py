@@ -28,9 +28,14 @@ from trainer.export import Export
 from trainer.export import build as build_export
 from trainer.export import describe as describe_export
 from trainer.flops import device_peak_flops, flops_per_token
+from trainer.loss import chunk_rows_for, summed_loss
 from trainer.metrics import MetricsSink, NullSink
 from trainer.model import build_model, count_parameters, has_weights, load_tokenizer
 
+ATTENTION_WHAT = {"varlen": "torch varlen_attn, one kernel per layer over the packed examples",
+                  "flash": "flash-attn varlen, one kernel per layer over the packed examples",
+                  "loop": "causal SDPA per packed example",
+                  "masked": "transformers' sdpa with a block mask over each packed row"}
 # Fault injection for the multi-node tests: the ranks that have it raise after this step.
 RAISE_ENV = "QSFT_TEST_RAISE_AT_STEP"
 # Fault injection for the load-check test: this rank's share of one parameter is changed after
@@ -87,6 +92,12 @@ def describe_data(name: str, path: Path, data: TokenizedSet, cfg: RunConfig) -> 
                      f"as TRL's SFTTrainer): the model trains on a prompt ending that inference "
                      f"never produces; end the prompts on a token boundary, e.g. a newline")
     return lines
+
+
+def train_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
 
 
 def build_optimizer(model: Any, cfg: RunConfig, ds_config: dict[str, Any]) -> Any:
@@ -154,6 +165,11 @@ def setup(cfg: RunConfig) -> Run:
     local_error: Exception | None = None
     try:
         ds_config = resolve_ds_config(cfg, world)
+        dtype = train_dtype(ds_config)
+        why_not = attention.available(cfg.attention, dtype)  # e.g. varlen without a GPU
+        if why_not:
+            raise ConfigError(why_not)
+        attention_impl = attention.resolve(cfg.attention, dtype)
         tokenizer = load_tokenizer(cfg.model_dir)
         # Names and shapes of the base weights against config.json, from the file headers.
         weight_index = weights.check_files(cfg.model_dir) if has_weights(cfg.model_dir) else {}
@@ -185,11 +201,10 @@ def setup(cfg: RunConfig) -> Run:
     sampler = Sampler(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, world,
                       dist.rank(), cfg.seed, tokenizer.pad_token_id,
                       pack_to=cfg.max_seq_length if cfg.packing else None)
-    dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
-             else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
     t_load = time.perf_counter()
     model, hf_ds_config = build_model(cfg.model_dir, ds_config, dtype,
-                                      cfg.gradient_checkpointing, cfg.seed)
+                                      cfg.gradient_checkpointing, cfg.seed, attention_impl,
+                                      cfg.loss)
     t_load = time.perf_counter() - t_load
     load_check = None
     # Every rank its own partition, the outcome gathered. Not on resume: the checkpoint's weights
@@ -215,8 +230,14 @@ def setup(cfg: RunConfig) -> Run:
         sink = MetricsSink(cfg.output_dir, cfg.max_steps, state.step,
                            wandb_cfg=_wandb_cfg(cfg, ds_config_file, state) if cfg.wandb else None)
         state.wandb_run_id = sink.wandb_run_id
+        kernels = dict(attention=attention_impl, loss=cfg.loss,
+                       loss_chunk_rows=chunk_rows_for(model.config.vocab_size))
         write_run_config(cfg, ds_config_file, world, num_params, export.info,
-                         train_set, eval_set)
+                         train_set, eval_set, kernels)
+        how = (f"{kernels['loss_chunk_rows']} target tokens per vocabulary chunk"
+               if cfg.loss == "chunked" else "all target logits at once")
+        sink.message(f"attention {attention_impl} ({ATTENTION_WHAT[attention_impl]}), "
+                     f"loss {cfg.loss} ({how})")
         sink.eval_data = eval_set.stats if eval_set is not None else None
         sink.message(f"model {cfg.model_dir} ({num_params / 1e6:.2f}M params, {dtype}), world "
                      f"{world}, global batch {sampler.global_batch}, "
@@ -273,33 +294,6 @@ def forward_backward(engine: Any, micro_batch: dict[str, torch.Tensor], num_item
     loss_sum = summed_loss(engine, micro_batch, engine.device)
     engine.backward(loss_sum / num_items)
     return loss_sum.detach().double()
-
-
-def summed_loss(model: Any, micro_batch: dict[str, torch.Tensor], device: Any) -> torch.Tensor:
-    """Summed target-token cross-entropy of a micro-batch (a graph to backpropagate).
-
-    Our own loss instead of the model's: the output projection and the cross-entropy run only at
-    positions whose next token is a target (`logits_to_keep`), not over the prompts too. With
-    Qwen2.5's 151,936-row vocabulary the projection is ~15% of a 1.5B model's FLOPs and its fp32
-    logits are the largest activation, so skipping the prompt positions saves both. The math is
-    that of transformers' causal-LM loss (fp32 logits, shift by one, summed). Packed rows also
-    get their example boundaries for trainer.attention (one host-side pass, no device sync).
-    """
-    extra: dict[str, Any] = {}
-    if "position_ids" in micro_batch and "attention_mask" not in micro_batch:  # packed rows
-        # Rows end to end as one: they are independent (positions restart, every example's
-        # first label is ignored), so attention (per example) and the MLP (per token) see the
-        # same thing, and the logits below are kept at exactly each row's target positions.
-        micro_batch = {k: v.reshape(1, -1) for k, v in micro_batch.items()}
-        extra["packed_segments"] = attention.packed_segments(micro_batch["position_ids"])
-    batch = {k: v.to(device) for k, v in micro_batch.items()}
-    targets = batch.pop("labels")[:, 1:]
-    # Padded batches (several rows) keep the union of their rows' target positions.
-    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-    logits = model(**batch, **extra, logits_to_keep=keep, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=-100,
-        reduction="sum")
 
 
 def fit(run: Run) -> None:
@@ -476,9 +470,7 @@ def evaluate(engine: Any, data: TokenizedSet, batch: int, pad_id: int) -> float:
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     count = 0
     for mb, real in eval_batches(data, batch, dist.world_size(), dist.rank(), pad_id):
-        mb = {k: v.to(engine.device) for k, v in mb.items()}
-        # num_items_in_batch=1 makes the model return the summed (not averaged) token loss.
-        loss = engine(**mb, num_items_in_batch=1, use_cache=False).loss
+        loss = summed_loss(engine, mb, engine.device)  # the training loss, chunked as there
         if real:
             loss_sum += loss.double()
             count += int((mb["labels"][:, 1:] != -100).sum())
@@ -489,7 +481,7 @@ def evaluate(engine: Any, data: TokenizedSet, batch: int, pad_id: int) -> float:
 
 def write_run_config(cfg: RunConfig, ds_config: dict[str, Any], world: int, num_params: int,
                      data_format: dict[str, Any], train: TokenizedSet,
-                     evals: TokenizedSet | None) -> None:
+                     evals: TokenizedSet | None, kernels: dict[str, Any]) -> None:
     import yaml
 
     data = dict(data_format, train=dict(path=str(cfg.train_path), **train.stats))
@@ -497,7 +489,7 @@ def write_run_config(cfg: RunConfig, ds_config: dict[str, Any], world: int, num_
         data["eval"] = dict(path=str(cfg.eval_path), **evals.stats)
     resolved = dict(run=cfg.model_dump(mode="json"), deepspeed=ds_config, world_size=world,
                     num_parameters=num_params, warmup_steps=cfg.resolved_warmup_steps,
-                    data=data, versions=versions())
+                    data=data, kernels=kernels, versions=versions())
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 

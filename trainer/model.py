@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from trainer import attention
+from trainer import attention, loss
 from trainer.config import ConfigError
 
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
@@ -36,13 +36,15 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def build_model(model_dir: Path, ds_config: dict[str, Any], dtype: torch.dtype,
-                gradient_checkpointing: bool, seed: int) -> tuple[Any, Any]:
+                gradient_checkpointing: bool, seed: int, attention_impl: str = "loop",
+                loss_impl: str = "chunked") -> tuple[Any, Any]:
     """Create the causal LM with its parameters already sharded across ranks.
 
     Returns (model, hf_ds_config). The caller must keep `hf_ds_config` alive until
     `deepspeed.initialize`: transformers consults it (a weak global) to construct the model inside
     `deepspeed.zero.Init`, so no rank ever holds the whole model. A model directory without
-    weights (the shipped `tiny` demo) is initialised from its config with `seed`.
+    weights (the shipped `tiny` demo) is initialised from its config with `seed`. The model gets
+    our packed attention (`attention_impl`, see trainer.attention) and our loss (trainer.loss).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
     from transformers.integrations import HfDeepSpeedConfig
@@ -51,13 +53,14 @@ def build_model(model_dir: Path, ds_config: dict[str, Any], dtype: torch.dtype,
     set_seed(seed)  # same init on every rank, whatever the launch order
     config = AutoConfig.from_pretrained(str(model_dir))
     config.use_cache = False  # no KV cache in training (and required by gradient checkpointing)
-    kwargs = dict(dtype=dtype, attn_implementation=attention.register())
+    kwargs = dict(dtype=dtype, attn_implementation=attention.register(attention_impl))
     if has_weights(model_dir):
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, **kwargs)
     else:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss.install(model, loss_impl)
     return model, hf_ds_config
 
 

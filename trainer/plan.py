@@ -22,14 +22,18 @@ training dtype, h hidden, kv = key/value width, i intermediate, a heads), is
     output and the o_proj input (5h + 4kv elements) and SDPA's log-sum-exp (4a);  -> e(5h+4kv)+4a
   - the SwiGLU MLP saves gate, silu(gate), up and their product (4i elements).    -> 4ei
 
-The logits term: our loss projects only the positions whose next token is trained on
-(--target_fraction of the tokens, 1.0 to be safe), and each such position holds the logits in
-the training dtype, their fp32 log-probabilities and one fp32 gradient: (e + 8) x vocab bytes.
-One layer's backward holds e(3i + 2h) bytes per token of gradient buffers; the logits are gone
-by then, so the larger of the two counts. With gradient checkpointing a layer keeps only its
-input (e·h per token), and the larger of the logits and one recomputed layer (A plus its
-backward buffers) counts on top. Tested against the peak of live memory measured on
-CPU for the tiny model (tests/scripts/activation_peak.py), with and without checkpointing.
+The loss term: our loss (trainer/loss.py) projects only the positions whose next token is
+trained on (--target_fraction of the tokens, 1.0 to be safe), and only one chunk of them at a
+time: a chunk of r = min(loss tokens, 2^26 / vocab) rows holds its fp32 logits, turned into the
+softmax in place, and their gradient in the training dtype (the same buffer in fp32), r x vocab
+x (4 + e, or 4 in fp32) bytes; beside it the hidden states picked at the loss positions and their
+gradient (2e·h per loss token) and the output weight's full gradient (e·vocab·h), all made
+during the loss's forward. One layer's backward holds e(3i + 2h) bytes per token of gradient
+buffers; the chunk is gone by then, so the larger of the two counts. With gradient
+checkpointing a layer keeps only its input (e·h per token), and the larger of the loss term and
+one recomputed layer (A plus its backward buffers) counts on top. Tested against the peak of
+live memory measured on CPU for the tiny model (tests/scripts/activation_peak.py), with and
+without checkpointing.
 
 Working memory beyond that: DeepSpeed's prefetch and reduce buckets from the DeepSpeed config,
 and a fixed allowance for the CUDA context, NCCL and allocator fragmentation (--overhead_gb).
@@ -53,6 +57,7 @@ from trainer.config import (
     _OneLineParser,
     load_ds_config,
 )
+from trainer.loss import chunk_rows_for
 
 LOGITS_ROW = "logits + loss (or one layer's backward)"
 GB = 1e9  # decimal, as GPU datasheets count (an "80GB" card)
@@ -170,7 +175,10 @@ def estimate(shape: Shape, s: Setup) -> Estimate:
     tokens = s.micro_batch * s.seq
     per_layer = shape.activation_bytes_per_token_layer(e)
     norm = 4 * shape.hidden + 2 * e * shape.hidden  # the final RMSNorm
-    logits = int(tokens * s.target_fraction) * (e + 8) * shape.vocab
+    loss_tokens = int(tokens * s.target_fraction)
+    # fp32 logits per chunk, plus the gradient in the training dtype (in place in fp32)
+    chunk = min(loss_tokens, chunk_rows_for(shape.vocab)) * shape.vocab * (4 if e == 4 else 4 + e)
+    logits = chunk + 2 * e * shape.hidden * loss_tokens + e * shape.vocab * shape.hidden
     # One layer's backward also holds gradients of its MLP intermediates and hidden states.
     backward = tokens * e * (3 * shape.intermediate + 2 * shape.hidden)
     if s.gradient_checkpointing:

@@ -1,6 +1,8 @@
 """Peak memory of one forward+backward of the tiny model on CPU, for the planner's formula.
 
-    python tests/scripts/activation_peak.py BATCH SEQ [gc]  ->  JSON on stdout
+    python tests/scripts/activation_peak.py BATCH SEQ [gc] [vocab=N]  ->  JSON on stdout
+
+(vocab=N: the tiny model with a larger vocabulary, so that the loss spans several chunks.)
 
 Measures the peak of live heap memory: glibc's mallinfo2() (bytes in allocated chunks plus
 mmapped blocks) sampled every 0.2 ms by a thread while the step runs (torch releases the GIL in
@@ -54,12 +56,15 @@ def main() -> None:
 
     from trainer import attention
     from trainer.config import ASSETS_DIR
-    from trainer.loop import summed_loss
+    from trainer.loss import summed_loss
 
     b, s, checkpointing = int(sys.argv[1]), int(sys.argv[2]), "gc" in sys.argv[3:]
+    vocab = next((int(a.split("=")[1]) for a in sys.argv[3:] if a.startswith("vocab=")), None)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(ASSETS_DIR / "tiny_model")
+    if vocab:
+        config.vocab_size = vocab
     config.use_cache = False
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              attn_implementation=attention.register()).train()
