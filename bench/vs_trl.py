@@ -115,7 +115,8 @@ def worker_bare(model_dir: Path, out: Path, epochs: int, opt: bool = False) -> d
     from trainer import attention
     from trainer.batching import Sampler
     from trainer.data import load_records, tokenize_records
-    from trainer.loop import lr_lambda, summed_loss
+    from trainer.loop import lr_lambda
+    from trainer.loss import install, summed_loss
     from trainer.model import load_tokenizer
 
     torch.set_num_threads(2)
@@ -127,8 +128,9 @@ def worker_bare(model_dir: Path, out: Path, epochs: int, opt: bool = False) -> d
     steps = round(epochs * sampler.steps_per_epoch)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32,
-        attn_implementation=attention.register() if opt else "sdpa")
+        attn_implementation=attention.register("loop") if opt else "sdpa")
     model.config.use_cache = False
+    install(model, "chunked" if opt else "full")  # bare: all target logits at once
     adam = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=opt)
     sched = torch.optim.lr_scheduler.LambdaLR(adam, lr_lambda(max(1, round(0.03 * steps)),
                                                               steps))
