@@ -1,7 +1,9 @@
 """Entry point: `deepspeed [--num_gpus N | --hostfile H] launch/train.py --model_size ... `.
 
 Parses and validates the run, trains, and always tears the process group down. Bad input exits
-with status 2 and one line on stderr (printed by rank 0 only, so a 64-rank job prints it once).
+with status 2 and one line on stderr (printed by rank 0 only, so a 64-rank job prints it once);
+a run that cannot go on (disk full, non-finite loss, damaged checkpoint) exits with status 1 and
+one line (trainer.faults.RunError).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from trainer import dist  # noqa: E402
 from trainer.config import ConfigError, parse_run_config  # noqa: E402
 from trainer.data import DataError  # noqa: E402
+from trainer.faults import RunError  # noqa: E402
 
 # DeepSpeed 0.19.8 still calls torch.distributed's *_into_tensor / *_tensor collectives, which
 # torch 2.13 deprecates with a FutureWarning per call site and rank; the calls work.
@@ -36,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         if dist.env_rank() == 0:
             print(f"qsft: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        watchdog.fail(e)
+        if dist.env_rank() == 0 or not e.everywhere:
+            print(f"qsft: error: {e}", file=sys.stderr)
+        return 1
     except BaseException as e:
         # A collective that failed because another rank died: let the watchdog name that rank
         # (it prints one line and exits 1). Otherwise this rank's own error: tell the other

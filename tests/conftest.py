@@ -18,6 +18,9 @@ VENV_BIN = Path(sys.executable).parent
 
 TINY = REPO / "trainer" / "assets" / "tiny_model"
 QWEN_LAYOUT = REPO / "tests" / "fixtures" / "qwen25_layout"
+# 8 held-out records: for launcher tests that need an eval set but not its figures (the shipped
+# one costs ~10 s per eval on 2 CPU ranks).
+EVAL_SMALL = REPO / "tests" / "fixtures" / "eval_small.jsonl"
 
 
 def qwen_layout_model(dest: Path) -> Path:

@@ -200,3 +200,19 @@ def test_cli_bad_hostfile_names_the_line(tmp_path):
     res = _plan("--model_size", "7b", "--hostfile", str(hostfile))
     assert res.returncode == 2
     assert f"{hostfile}: line 2" in res.stderr
+
+
+def test_run_disk_follows_the_retention_policy():
+    from trainer.plan import Estimate, Retention
+
+    est = Estimate(rows={}, gpu_total=0, cpu_per_node=0, checkpoint_disk=14.0,
+                   consolidated_disk=2.0, consolidation_ram=0, fits=True)
+    # 1000 steps, a save every 50: 20 saves; 2 states kept + the one being written.
+    keep = Retention(1000, 50, "every", keep_last=2, keep_consolidated=0, keep_best=False)
+    assert keep.saves() == 20 and keep.peak_disk(est) == (3 * 14 + 20 * 2, 3, 20)
+    assert Retention(1000, 50, "every", 0, 0, False).peak_disk(est) == (20 * 16, 20, 20)
+    assert Retention(1000, 50, "every", 2, 5, True).peak_disk(est) == (4 * 14 + 6 * 2, 4, 6)
+    assert Retention(130, 50, "final", 2, 0, False).peak_disk(est) == (3 * 14 + 2, 3, 1)
+    res = _plan("--model_size", "32b", "--num_nodes", "2", "--gpu_mem", "80GB")
+    assert "disk for the whole run: 20 saves over 1000 steps; at most 3 resumable state(s) " \
+           "(--keep_last 2) and 20 consolidated model(s) (--consolidate every)" in res.stdout

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import launch, start
+from tests.conftest import EVAL_SMALL, launch, start
 
 pytestmark = pytest.mark.multirank
 
@@ -30,7 +30,7 @@ STEPS, SAVE = 12, 6
 def _args(out: Path, nproc: int = 2) -> list[str]:
     accum = 4 // nproc  # the same global batch (8) on 1 or 2 ranks
     return ["--model_size", "tiny", "--max_seq_length", "512", "--output_dir", str(out),
-            "--max_steps", str(STEPS),
+            "--eval_file", str(EVAL_SMALL), "--max_steps", str(STEPS),
             "--save_steps", str(SAVE), "--eval_steps", "100", "--logging_steps", "1",
             "--batch_size", "2", "--gradient_accumulation_steps", str(accum)]
 
@@ -242,3 +242,28 @@ def test_two_nodes_on_loopback_train_save_and_resume_like_one_node(reference, tm
     assert "dist_world_size=2" in results[1].stdout
     assert f"at step {SAVE}" in results[0].stdout
     _assert_same_run(out, reference, 0)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_and_resumes_exactly(
+        reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shard = (out / "checkpoints" / f"checkpoint-{STEPS}" /
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with open(shard, "r+b") as f:  # what a full disk or a killed copy leaves behind
+        f.truncate(shard.stat().st_size // 2)
+    res = _run(tmp_path, out)
+    assert f"ignoring checkpoint-{STEPS} is damaged ({shard}: " in res.stdout
+    assert f"falling back to checkpoint-{SAVE}" in res.stdout
+    _assert_same_run(out, reference, SAVE)
+
+
+def test_resuming_with_inputs_that_change_the_data_stream_is_refused(reference, tmp_path):
+    out = tmp_path / "run"
+    _copy_checkpoint(reference, SAVE, out)
+    res = launch("launch/train.py", [*_args(out), "--seed", "7", "--batch_size", "1"], nproc=2,
+                 tmp=tmp_path)
+    assert res.returncode == 2, res.stdout[-3000:]
+    line = [x for x in res.stdout.splitlines() if "qsft: error" in x]
+    assert len(line) == 1 and "--resume_allow_changes" in line[0]
+    assert "was written with other inputs: seed 42 -> 7; global_batch 8 -> 4" in line[0]

@@ -8,13 +8,21 @@ Layout (DESIGN.md): OUTPUT_DIR/checkpoints/ is a standard DeepSpeed checkpoint r
       zero_pp_rank_*_...pt      DeepSpeed's shards: weights, optimizer, scheduler
       trainer_state.pt          step, samples/tokens consumed, eval history, wandb id, RNG/rank
       hf/                       config, generation config, tokenizer, probe logits
-      COMPLETE                  written after every rank finished; no marker = never loaded
+      COMPLETE                  written after every rank's files are fsynced: each file's size,
+                                the inputs' fingerprint; no marker = never loaded
       universal/                written on demand when resuming on another number of ranks
+      consolidated/             the Hugging Face model (trainer.consolidate)
+      PRUNED                    instead of COMPLETE once retention removed the resumable state
 
 DeepSpeed's own save_checkpoint writes `latest` on rank 0 before its final barrier, so a crash
 can leave `latest` naming a half-written tag. We save with its `latest` disabled, barrier, mark
 the tag complete, then publish `latest` by rename: a crash at any moment leaves the previous
-complete checkpoint as the one a restart uses.
+complete checkpoint as the one a restart uses. A save that fails on any rank (a full disk) is
+removed whole, and the run stops with one line (trainer.faults.RunError).
+
+Retention (`prune`): every consolidated model is kept, the resumable state (shards, trainer
+state) only for the newest --keep_last checkpoints, the one `latest` names, and with --keep_best
+the best-eval one; a checkpoint with nothing consolidated goes entirely once its state does.
 """
 
 from __future__ import annotations
@@ -33,14 +41,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer import dist
+from trainer import dist, faults
 from trainer.config import ConfigError, RunConfig
-from trainer.consolidate import HF_SUBDIR, PROBE_FILE
+from trainer.consolidate import COMPLETE, EVAL_FILE, HF_SUBDIR, PROBE_FILE, verify_files
+from trainer.faults import RunError
 
 STATE_KEY = "qsft_trainer_state"  # also in DeepSpeed's client_state, for offline readers
 STATE_FILE = "trainer_state.pt"
-COMPLETE = "COMPLETE"
+PRUNED = "PRUNED"
 UNIVERSAL = "universal"
+CONSOLIDATED = "consolidated"
 # Fault injection for the crash tests: rank 0 SIGKILLs itself inside the save of this step,
 # after the shards are written and before the checkpoint is marked complete.
 FAULT_ENV = "QSFT_TEST_KILL_IN_SAVE_AT_STEP"
@@ -79,7 +89,7 @@ def tag_for(step: int) -> str:
     return f"checkpoint-{step}"
 
 
-def _step_of(tag: str) -> int:
+def step_of(tag: str) -> int:
     m = re.fullmatch(r"checkpoint-(\d+)", tag)
     return int(m.group(1)) if m else -1
 
@@ -93,8 +103,8 @@ def read_marker(tag_dir: Path) -> dict[str, Any] | None:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete tag directories under root, oldest first."""
-    tags = [p for p in Path(root).glob("checkpoint-*") if p.is_dir() and _step_of(p.name) >= 0]
-    return sorted((p for p in tags if read_marker(p)), key=lambda p: _step_of(p.name))
+    tags = [p for p in Path(root).glob("checkpoint-*") if p.is_dir() and step_of(p.name) >= 0]
+    return sorted((p for p in tags if read_marker(p)), key=lambda p: step_of(p.name))
 
 
 @dataclass
@@ -103,12 +113,14 @@ class ResumePoint:
     world_size: int  # ranks that wrote it
     skipped: list[str]  # newer tags that were not complete
     marker: dict[str, Any] = field(default_factory=dict)  # its COMPLETE file
+    damaged: list[str] = field(default_factory=list)  # newer complete tags that failed checks
 
 
 def find_resume_point(cfg: RunConfig) -> ResumePoint | None:
     """Where to resume from, per --resume; raises ConfigError if the run must not start.
 
-    Called before the process group exists, so it only reads files.
+    Called before the process group exists, so it only reads files. `--resume auto` takes the
+    newest complete checkpoint whose files pass `verify_files`, reporting the damaged ones.
     """
     root = checkpoint_root(cfg.output_dir)
     if cfg.resume == "none":
@@ -116,28 +128,55 @@ def find_resume_point(cfg: RunConfig) -> ResumePoint | None:
             raise ConfigError(f"--resume none: {root} already holds checkpoints; pass "
                               f"--overwrite to replace the run or --resume auto to continue it")
         return None
+    damaged: list[str] = []
     if cfg.resume == "auto":
         done = complete_checkpoints(root)
+        while done and (problem := verify_files(done[-1], read_marker(done[-1]) or {})):
+            damaged.append(f"{done.pop().name} is damaged ({problem})")
         if not done:
+            if damaged:
+                raise ConfigError(f"--resume auto: no usable checkpoint in {root}: "
+                                  f"{'; '.join(damaged)}; pass --resume none --overwrite to "
+                                  f"start over")
             return None
         tag_dir = done[-1]
         skipped = sorted((p.name for p in root.glob("checkpoint-*")
-                          if p.is_dir() and _step_of(p.name) > _step_of(tag_dir.name)),
-                         key=_step_of)
+                          if p.is_dir() and step_of(p.name) > step_of(tag_dir.name)
+                          and not (p / COMPLETE).exists()),
+                         key=step_of)
     else:
         tag_dir, skipped = Path(cfg.resume), []
         if not read_marker(tag_dir):
             raise ConfigError(f"--resume {tag_dir}: not a complete checkpoint (no {COMPLETE} "
-                              f"marker); a save was interrupted there")
+                              f"marker); a save was interrupted there, or retention removed "
+                              f"its resumable state")
+        problem = verify_files(tag_dir, read_marker(tag_dir) or {})
+        if problem:
+            raise ConfigError(f"--resume {tag_dir}: damaged checkpoint: {problem}")
         newer = [p.name for p in complete_checkpoints(root)
-                 if _step_of(p.name) > _step_of(tag_dir.name)]
+                 if step_of(p.name) > step_of(tag_dir.name)]
         if newer and Path(tag_dir).resolve().parent == root.resolve():
             # They belong to another trajectory: --resume auto would later pick them up, and
             # --keep_last would count them. Going back in time is explicit.
             raise ConfigError(f"--resume {tag_dir}: newer checkpoints {newer} exist in {root}; "
                               f"move them away or delete them before going back")
     marker = read_marker(tag_dir)
-    return ResumePoint(tag_dir, int(marker["world_size"]), skipped, marker)
+    return ResumePoint(tag_dir, int(marker["world_size"]), skipped, marker, damaged)
+
+
+def check_inputs(point: ResumePoint, now: dict[str, Any], allow: bool) -> list[str]:
+    """Compare the checkpoint's input fingerprint with this run's; ConfigError on a difference
+    unless `allow` (--resume_allow_changes). Returns the differences (to be logged)."""
+    saved = point.marker.get("fingerprint")
+    if not saved:
+        return []  # written before fingerprints were recorded
+    diffs = faults.differences(saved, now)
+    if diffs and not allow:
+        raise ConfigError(f"--resume: {point.tag_dir} was written with other inputs: "
+                          f"{'; '.join(diffs)} (they change the data stream or the learning-rate "
+                          f"schedule); pass --resume_allow_changes to continue anyway, or start "
+                          f"a new --output_dir")
+    return diffs
 
 
 def check_format(point: ResumePoint, info: dict[str, Any], requested: str) -> None:
@@ -163,6 +202,49 @@ def check_format(point: ResumePoint, info: dict[str, Any], requested: str) -> No
                           f"{ends}; use the tokenizer it was trained with")
 
 
+def last_checkpoint(cfg: RunConfig) -> str:
+    root = checkpoint_root(cfg.output_dir)
+    latest = root / "latest"
+    return str(root / latest.read_text().strip()) if latest.is_file() else "none"
+
+
+def wants_consolidation(cfg: RunConfig, step: int) -> bool:
+    return cfg.consolidate == "every" or (cfg.consolidate == "final" and step == cfg.max_steps)
+
+
+def check_disk_at_start(cfg: RunConfig, dtype: torch.dtype) -> None:
+    """Refuse to start when the output filesystem cannot hold one more checkpoint: the newest
+    checkpoint's measured size, or before any exists the planner's figure (ConfigError)."""
+    if not cfg.save_every_n_steps:
+        return
+    needed = checkpoint_needs(cfg, dtype, None)
+    free = faults.free_bytes(cfg.output_dir)
+    if free < needed:
+        raise ConfigError(faults.space_error(
+            cfg.output_dir, needed, free, f"--output_dir {cfg.output_dir}: not enough disk for "
+            f"one checkpoint", "free space or choose another --output_dir"))
+
+
+def checkpoint_needs(cfg: RunConfig, dtype: torch.dtype, step: int | None) -> int:
+    """Bytes one more checkpoint takes: measured on the newest one, else estimated from the
+    model's shape (trainer.plan's 14 bytes/param), plus consolidated/ when this one gets it."""
+    root = checkpoint_root(cfg.output_dir)
+    done = complete_checkpoints(root)
+    consolidates = cfg.consolidate == "every" or (cfg.consolidate == "final" and (
+        step is None or step == cfg.max_steps))
+    if done:
+        state_b, model_b = faults.measured_bytes(done[-1])
+        if consolidates and not model_b:
+            model_b = state_b // 6  # no model to measure: bf16/fp32 weights ~ 1/6 of the state
+        return state_b + (model_b if consolidates else 0)
+    from trainer.plan import Shape
+
+    config = json.loads((Path(cfg.model_dir) / "config.json").read_text())
+    n = Shape.from_config(config).total_params()
+    e = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    return faults.state_bytes(n) + (e * n if consolidates else 0)
+
+
 def clear_previous_run(output_dir: Path) -> None:
     """--resume none --overwrite: remove what an earlier run wrote (rank 0, then barrier)."""
     if dist.is_main():
@@ -176,7 +258,12 @@ def clear_previous_run(output_dir: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator's state in types `torch.load(weights_only=True)` accepts (numpy's key
+    array as a tensor), so loading a checkpoint never unpickles arbitrary objects."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(gauss)),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -184,11 +271,28 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else keys
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_state_file(path: Path) -> dict[str, Any]:
+    """trainer_state.pt with weights_only=True. Files written before the RNG states were stored
+    as tensors hold numpy arrays: exactly numpy's array-rebuilding globals are allowed for them."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        core = getattr(np, "_core", None) or np.core
+        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), core.multiarray._reconstruct]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -200,48 +304,130 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Any, output_dir: Path, state: TrainerState, export: Any,
-         probe_ids: torch.Tensor) -> tuple[Path, float, int]:
+def _fsync(paths: list[Path]) -> None:
+    """Flush files (and then their directories) to stable storage before the marker names them."""
+    for f in paths:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in sorted({f.parent for f in paths}):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some filesystems refuse fsync on a directory; the files are synced
+            pass
+        finally:
+            os.close(fd)
+
+
+def _own_files(tag_dir: Path) -> list[Path]:
+    """The files this rank wrote: DeepSpeed names each rank's shards by its rank; rank 0 also
+    wrote everything without a rank in its name (trainer state, hf/)."""
+    mine, rank = [], dist.rank()
+    for f in tag_dir.rglob("*"):
+        if not f.is_file():
+            continue
+        m = re.search(r"_rank_(\d+)_mp_rank", f.name)
+        if (m and int(m.group(1)) == rank) or (m is None and rank == 0):
+            mine.append(f)
+    return mine
+
+
+@dataclass
+class SaveInfo:
+    """What a save needs besides the engine and the state (see loop.save)."""
+
+    export: Any  # trainer.export.Export: what hf/ holds besides the weights
+    probe_ids: torch.Tensor
+    marker: dict[str, Any]  # recorded in COMPLETE (the inputs' fingerprint)
+    needed: int  # bytes this save is expected to take, for the out-of-space message
+    eval_summary: dict[str, Any]  # this step's eval and the best so far -> hf/EVAL_FILE
+
+
+def save(engine: Any, output_dir: Path, state: TrainerState, info: SaveInfo
+         ) -> tuple[Path, float, int]:
     """Save and publish a checkpoint; all ranks call it. Returns (tag dir, seconds, bytes).
 
     Besides DeepSpeed's shards, the tag gets the trainer state with every rank's RNG, and `hf/`:
     what `export` (trainer.export.Export) writes — model config, generation config, tokenizer,
     prompt format — and the live engine's logits on a fixed probe batch, so the tag alone can be
-    consolidated offline and the result verified.
+    consolidated offline and the result verified. If writing fails on any rank, every rank
+    raises the same RunError after rank 0 removed the partial tag.
     """
     root, tag = checkpoint_root(output_dir), tag_for(state.step)
-    t0 = time.perf_counter()
-    if dist.is_main() and (root / tag).exists():
-        shutil.rmtree(root / tag)  # left incomplete by a crash: never mix two saves' files
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={STATE_KEY: state.state_dict()},
-                           save_latest=False)
-    rng = dist.gather_objects(_rng_state())  # a collective: every rank's generators
-    probe = _probe_logits(engine, probe_ids)  # a forward pass: every rank takes part
     tag_dir = root / tag
-    if dist.is_main():
-        torch.save({"state": state.state_dict(), "rng": rng, "world_size": dist.world_size()},
-                   tag_dir / STATE_FILE)
-        hf = tag_dir / HF_SUBDIR
-        export.write(hf, engine.module)
-        torch.save(probe, hf / PROBE_FILE)
+    t0 = time.perf_counter()
+    if dist.is_main() and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # left incomplete by a crash: never mix two saves' files
+    if dist.is_main() and os.environ.get(faults.FILL_ENV) == str(state.step):
+        faults.fill_for_test(output_dir)  # fault injection: another job fills the disk
+    dist.barrier()
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={STATE_KEY: state.state_dict()},
+                               save_latest=False)
+    except (OSError, RuntimeError) as e:
+        # Raised between DeepSpeed's tag check and its final barrier, where the ranks that
+        # succeeded now wait: meet them there, then decide together.
+        error = e
+        dist.barrier()
+    rng = dist.gather_objects(_rng_state())  # a collective: every rank's generators
+    probe = _probe_logits(engine, info.probe_ids)  # a forward pass: every rank takes part
+    try:
+        if dist.is_main() and error is None:
+            torch.save({"state": state.state_dict(), "rng": rng,
+                        "world_size": dist.world_size()}, tag_dir / STATE_FILE)
+            hf = tag_dir / HF_SUBDIR
+            info.export.write(hf, engine.module)
+            torch.save(probe, hf / PROBE_FILE)
+            (hf / EVAL_FILE).write_text(json.dumps(info.eval_summary, indent=1))
+        if error is None:
+            _fsync(_own_files(tag_dir))
+    except (OSError, RuntimeError) as e:
+        error = e
+    failures = [f for f in dist.gather_objects(_describe(error, output_dir, info.needed))
+                if f is not None]
+    if failures:
+        out_of_space, what = failures[0]
+        if dist.is_main():
+            shutil.rmtree(tag_dir, ignore_errors=True)  # never leave a partial tag filling disk
+        dist.barrier()
+        latest = root / "latest"
+        keep = (f"{root / latest.read_text().strip()} is intact and --resume auto continues "
+                f"from it" if latest.is_file() else "no earlier checkpoint to resume from")
+        if out_of_space:
+            raise RunError(faults.space_error(
+                root, info.needed, faults.free_bytes(root), f"out of disk space saving {tag}",
+                f"the partial {tag} was removed; {keep} once space is freed"))
+        raise RunError(f"saving {tag} failed ({what}); the partial {tag} was removed; {keep}")
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         if os.environ.get(FAULT_ENV) == str(state.step):
             os.kill(os.getpid(), signal.SIGKILL)
         files = {str(p.relative_to(tag_dir)): p.stat().st_size
                  for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-        data_format = {"prompt_format": export.info["prompt_format"],
-                       "end_tokens": [e["id"] for e in export.info["end_tokens"]]}
+        data_format = {"prompt_format": info.export.info["prompt_format"],
+                       "end_tokens": [e["id"] for e in info.export.info["end_tokens"]]}
         _atomic_write(tag_dir / COMPLETE, json.dumps(
             {"step": state.step, "world_size": dist.world_size(), "files": files,
-             "data_format": data_format,
+             "data_format": data_format, **info.marker,
              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
         _atomic_write(root / "latest", tag)  # DeepSpeed's format: the tag name
     dist.barrier()
     seconds = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file())
     return tag_dir, seconds, size
+
+
+def _describe(error: BaseException | None, output_dir: Path, needed: int
+              ) -> tuple[bool, str] | None:
+    if error is None:
+        return None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return (faults.is_out_of_space(error, output_dir, needed),
+            f"rank {dist.rank()}: {type(error).__name__}: {first}")
 
 
 @torch.no_grad()
@@ -255,28 +441,57 @@ def _probe_logits(engine: Any, input_ids: torch.Tensor) -> dict[str, Any]:
             "dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
 
 
-def prune(output_dir: Path, keep_last: int, keep_best: bool, state: TrainerState) -> list[str]:
-    """Delete complete checkpoints beyond the newest keep_last (0 keeps all), sparing the best.
+def prune(output_dir: Path, keep_last: int, keep_best: bool, state: TrainerState,
+          keep_consolidated: int = 0, wanted: Any = lambda step: False) -> list[str]:
+    """Apply the retention policy; returns one line per checkpoint changed. Rank 0 only, after
+    `latest` names the new checkpoint and no consolidation is running.
 
-    Rank 0 only, after `latest` names the new checkpoint, so a crash here loses nothing needed.
+    Resumable states beyond the newest `keep_last` (0 keeps all) go, except the one `latest`
+    names, the best-eval one with `keep_best`, and one whose consolidation `wanted(step)` but
+    has not succeeded (its state is what a retry needs). A checkpoint keeps its consolidated/
+    model, unless beyond the newest `keep_consolidated` models (0 keeps all); one left with
+    neither is removed whole. COMPLETE goes first, so a crash halfway never leaves a tag that
+    looks resumable without its files.
     """
-    if keep_last <= 0 or not dist.is_main():
+    if not dist.is_main():
         return []
     root = checkpoint_root(output_dir)
-    done = complete_checkpoints(root)
-    keep = {p.name for p in done[-keep_last:]}
-    keep.add((root / "latest").read_text().strip())  # never the one a restart would load
-    saved = {_step_of(p.name) for p in done}
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    tags = sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and step_of(p.name) >= 0
+                   and ((p / COMPLETE).exists() or (p / PRUNED).exists())),
+                  key=lambda p: step_of(p.name))
+    saved = {step_of(p.name) for p in tags}
     evals = [r for r in state.eval_history if r["step"] in saved]
-    if keep_best and evals:  # the best eval among the steps that have a checkpoint
-        keep.add(tag_for(min(evals, key=lambda r: r["eval_loss"])["step"]))
-    removed = []
-    for p in done:
-        if p.name not in keep:
-            (p / COMPLETE).unlink()  # first: a half-deleted tag is never taken as complete
+    best = tag_for(min(evals, key=lambda r: r["eval_loss"])["step"]) if evals else None
+    spared = {latest} | ({best} if keep_best else set())
+    resumable = [p for p in tags if (p / COMPLETE).exists()]
+    keep_state = {p.name for p in resumable[-keep_last:]} if keep_last > 0 else {
+        p.name for p in resumable}
+    models = [p for p in tags if (p / CONSOLIDATED).is_dir()]
+    keep_model = {p.name for p in models[-keep_consolidated:]} if keep_consolidated > 0 else {
+        p.name for p in models}
+    changes = []
+    for p in tags:
+        has_model = (p / CONSOLIDATED).is_dir()
+        drop_state = ((p / COMPLETE).exists() and p.name not in keep_state | spared
+                      and (has_model or not wanted(step_of(p.name))))
+        drop_model = has_model and p.name not in keep_model | spared
+        if not (drop_state or drop_model):
+            continue
+        if drop_state:
+            (p / COMPLETE).unlink()
+        if drop_model or not has_model:
             shutil.rmtree(p)
-            removed.append(p.name)
-    return removed
+            changes.append(f"removed {p.name}")
+            continue
+        for item in p.iterdir():
+            if item.name not in (CONSOLIDATED, PRUNED):
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        _atomic_write(p / PRUNED, json.dumps({"step": step_of(p.name), "kept": CONSOLIDATED,
+                                              "removed": "resumable state (ZeRO shards, "
+                                                         "trainer state)"}))
+        changes.append(f"removed the resumable state of {p.name}, kept {p.name}/{CONSOLIDATED}")
+    return changes
 
 
 def prepare_universal(point: ResumePoint) -> Path:
@@ -314,18 +529,28 @@ def _unshare_adam_steps(engine: Any) -> None:
 
 
 def load(engine: Any, point: ResumePoint, state: TrainerState) -> None:
-    """Load engine + trainer state on every rank, from the universal copy if the world differs."""
+    """Load engine + trainer state on every rank, from the universal copy if the world differs.
+
+    A file that passed the size check but does not load (damaged content) stops this rank with
+    one line naming the checkpoint; the watchdog stops the others naming this rank.
+    """
     tag_dir = point.tag_dir
     if point.world_size != dist.world_size():
         tag_dir = prepare_universal(point)
-    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                     load_module_strict=True, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    try:
+        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                         load_module_strict=True, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        saved = load_state_file(tag_dir / STATE_FILE)
+    except Exception as e:  # noqa: BLE001 - torch/pickle/zip raise many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RunError(f"{tag_dir}: cannot load this checkpoint ({type(e).__name__}: {first}); "
+                       f"it is damaged: move it out of {tag_dir.parent} and --resume auto takes "
+                       f"the previous complete one", everywhere=False) from None
     if path is None:
-        raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+        raise RunError(f"{tag_dir}: DeepSpeed could not load this checkpoint", everywhere=False)
     if tag_dir.name == UNIVERSAL:
         _unshare_adam_steps(engine)
-    saved = torch.load(tag_dir / STATE_FILE, weights_only=False)
     state.load_state_dict(saved["state"])
     # Each rank continues its own random streams; on another world size rank r takes the
     # streams of saved rank r mod saved world size (dropout then differs, the data does not).

@@ -30,9 +30,11 @@ MODEL_SIZES: tuple[str, ...] = ("tiny", "1.5b", "3b", "7b", "14b", "32b")
 # Per-size defaults, from the original experiments: 2e-5 for the small sizes, 4e-6 for 14b/32b,
 # 1000 steps, a checkpoint every 100 steps (50 for the large ones), micro 1 x GA 8 for 14b/32b.
 # `tiny` trains a randomly initialised demo model from scratch, hence its high learning rate.
+# Every checkpoint is consolidated, as the original pipeline did for 14b/32b: users pick the best
+# SFT checkpoint for RL among them, and retention (--keep_last) keeps every consolidated model
+# while removing older resumable states.
 _SMALL = dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
-              max_seq_length=4096, logging_steps=10, consolidate="final")
-# 14b/32b consolidate every checkpoint, as the original pipeline did.
+              max_seq_length=4096, logging_steps=10, consolidate="every")
 # They also checkpoint activations: without it neither fits 80 GB GPUs at 4096 tokens
 # (launch/plan.py: 14b needs 90 GB per GPU on 8 GPUs, 42 GB with it).
 _LARGE = dict(_SMALL, learning_rate=4e-6, save_every_n_steps=50, batch_size=1,
@@ -102,8 +104,19 @@ class RunConfig(BaseModel):
     seed: int = Field(42, ge=0, description="seeds init, data order and dropout")
     resume: str = Field("auto", min_length=1, description="auto | none | path to a checkpoint tag")
     overwrite: bool = Field(False, description="with --resume none: replace an existing run")
-    keep_last: int = Field(0, ge=0, description="keep only the newest K checkpoints (0: all)")
-    keep_best: bool = Field(False, description="with --keep_last: also keep the best-eval one")
+    resume_allow_changes: bool = Field(
+        False, description="resume although the training data, tokenizer, seed, sequence "
+        "length, packing, global batch or schedule differ from the checkpoint's (logged)")
+    keep_last: int = Field(2, ge=0, description="keep the resumable state (ZeRO shards) of only "
+                           "the newest K checkpoints; 0 keeps all. Consolidated models stay")
+    keep_best: bool = Field(False, description="also keep the best-eval checkpoint's state")
+    keep_consolidated: int = Field(0, ge=0, description="keep only the newest K consolidated "
+                                   "models (and the best with --keep_best); 0 keeps all")
+    divergence_factor: float = Field(1.5, ge=0, description="warn when an eval loss exceeds "
+                                     "this many times the best so far; 0 never warns")
+    trust_remote_code: bool = Field(False, description="allow a --base_model whose config names "
+                                    "custom Python code (auto_map); off: only transformers' "
+                                    "own classes")
     ds_config: Path | None = Field(None, description="override ds_configs/zero3_<size>.json")
     dist_timeout_s: int = Field(1800, gt=0, description="collective timeout before a rank fails")
     rank_timeout_s: int = Field(60, gt=0, description="a rank with no heartbeat this long (died, "
@@ -130,9 +143,10 @@ class RunConfig(BaseModel):
         if self.overwrite and self.resume != "none":
             raise ValueError("--overwrite only applies with --resume none (start over); drop "
                              "it to continue the run")
-        if self.save_every_n_steps == 0 and (self.keep_last or self.keep_best):
-            raise ValueError("--keep_last/--keep_best need checkpoints; --save_every_n_steps 0 "
-                             "saves none")
+        retention = {"keep_last", "keep_best", "keep_consolidated"} & self.model_fields_set
+        if self.save_every_n_steps == 0 and retention:
+            raise ValueError(f"--{sorted(retention)[0]} needs checkpoints; --save_every_n_steps "
+                             f"0 saves none")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: expected auto, none or a checkpoint dir")
         return self
@@ -184,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in RunConfig.model_fields.items():
         flag = f"--{name}"
         if name in ("bf16", "packing", "gradient_checkpointing", "wandb", "overwrite",
-                    "keep_best", "load_check"):
+                    "keep_best", "load_check", "resume_allow_changes", "trust_remote_code"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=_help(field))
         elif name == "save_every_n_steps":
             p.add_argument(flag, "--save_steps", dest=name, help=_help(field))

@@ -33,6 +33,8 @@ from trainer.zero_reader import CheckpointError, ZeroCheckpoint
 HF_SUBDIR = "hf"  # config, generation config and tokenizer, saved by the trainer in each tag
 PROBE_FILE = "verify_probe.pt"  # live-engine logits on a fixed batch, saved with each checkpoint
 FORMAT_FILE = "training_format.json"  # prompt format and end tokens; goes into manifest.json
+EVAL_FILE = "eval_summary.json"  # this step's eval loss and the best so far; into manifest.json
+COMPLETE = "COMPLETE"  # the trainer's marker: the tag was saved completely (trainer.checkpoint)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -49,8 +51,10 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
 
 
-def resolve_tag_dir(path: Path, tag: str | None) -> Path:
-    """A tag dir as given, or ROOT/--tag, or ROOT/<latest>."""
+def resolve_tag_dir(path: Path, tag: str | None, allow_incomplete: bool = False) -> Path:
+    """A tag dir as given, or ROOT/--tag, or ROOT/<latest>; it must carry the trainer's COMPLETE
+    marker, and every file the marker lists must have its recorded size, unless
+    `allow_incomplete` (e.g. a checkpoint written by another DeepSpeed program)."""
     path = Path(path)
     if tag is not None:
         path = path / tag
@@ -59,7 +63,34 @@ def resolve_tag_dir(path: Path, tag: str | None) -> Path:
     if not (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
         raise ConsolidateError(f"{path}: no ZeRO checkpoint here (expected "
                                f"zero_pp_rank_0_mp_rank_00_model_states.pt)")
+    if allow_incomplete:
+        return path
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        raise ConsolidateError(f"{path}: no {COMPLETE} marker: the save was interrupted, so "
+                               f"the shards may be partial; pass --allow_incomplete to "
+                               f"consolidate it anyway") from None
+    problem = verify_files(path, marker)
+    if problem:
+        raise ConsolidateError(f"damaged checkpoint: {problem}")
     return path
+
+
+def verify_files(tag_dir: Path, marker: dict[str, Any]) -> str | None:
+    """Every file the COMPLETE marker lists is there with its recorded size; else what is not.
+
+    Sizes are read only from metadata: free at any checkpoint size, and they catch what a full
+    disk, a killed copy or a truncated transfer leaves. (Content damage of the same size is
+    caught when the file is loaded.) Markers of older checkpoints list no files: nothing to check.
+    """
+    for name, size in (marker.get("files") or {}).items():
+        f = Path(tag_dir) / name
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != size:
+            return f"{f}: {f.stat().st_size} bytes, the checkpoint recorded {size}"
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -113,7 +144,8 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
         hashes: dict[str, str] = {}
         weight_files = _write_weights(ckpt, entries, dtype, max_shard_size, tmp, hashes)
         for f in sorted(hf_dir.iterdir()):
-            if f.is_file() and f.name not in ("config.json", PROBE_FILE, FORMAT_FILE):
+            if f.is_file() and f.name not in ("config.json", PROBE_FILE, FORMAT_FILE,
+                                              EVAL_FILE):
                 shutil.copy2(f, tmp / f.name)
         config.pop("torch_dtype", None)
         config["dtype"] = str(dtype).removeprefix("torch.")
@@ -125,6 +157,9 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
                          if s is not None and n == s)
         fmt_file = hf_dir / FORMAT_FILE
         training_format = json.loads(fmt_file.read_text()) if fmt_file.is_file() else {}
+        eval_file = hf_dir / EVAL_FILE
+        if eval_file.is_file():  # this step's eval loss and the run's best step up to it
+            training_format["eval"] = json.loads(eval_file.read_text())
         manifest = dict(source_tag=tag_dir.name, source_step=ckpt.step,
                         dtype=str(dtype).removeprefix("torch."), num_parameters=num_params,
                         tied_embeddings=tied, architecture=config["architectures"][0],
@@ -262,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors file")
     p.add_argument("--hf_dir", type=Path, help="config + tokenizer dir (default TAG_DIR/hf)")
     p.add_argument("--verify", action="store_true", help="reload and check every tensor")
+    p.add_argument("--allow_incomplete", action="store_true",
+                   help="consolidate a tag without the trainer's COMPLETE marker")
     args = p.parse_args(argv)
     try:
-        tag_dir = resolve_tag_dir(args.path, args.tag)
+        tag_dir = resolve_tag_dir(args.path, args.tag, args.allow_incomplete)
         out = args.out or tag_dir / "consolidated"
         manifest = consolidate(tag_dir, out, DTYPES.get(args.dtype),
                                parse_size(args.max_shard_size), args.hf_dir, args.verify)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from trainer import attention, checkpoint, dist, preflight, versions, watchdog, weights
+from trainer import attention, checkpoint, dist, faults, preflight, versions, watchdog, weights
 from trainer.batching import Sampler, eval_batches
 from trainer.config import ConfigError, RunConfig, resolve_ds_config
 from trainer.consolidate import BackgroundConsolidator, NullConsolidator
@@ -38,6 +38,8 @@ ATTENTION_WHAT = {"varlen": "torch varlen_attn, one kernel per layer over the pa
                   "masked": "transformers' sdpa with a block mask over each packed row"}
 # Fault injection for the multi-node tests: the ranks that have it raise after this step.
 RAISE_ENV = "QSFT_TEST_RAISE_AT_STEP"
+# Fault injection for the non-finite test: every rank's loss of this step becomes NaN.
+NAN_ENV = "QSFT_TEST_NAN_LOSS_AT_STEP"
 # Fault injection for the load-check test: this rank's share of one parameter is changed after
 # loading, as if transformers had left it at its initial value.
 CORRUPT_ENV = "QSFT_TEST_CORRUPT_LOAD_ON_RANK"
@@ -144,12 +146,19 @@ class Run:
     stopped: bool = False  # stopped early on request (signal or STOP file)
     train_seconds: float = 0.0  # time in logged training windows: no setup, eval is excluded
     resumed_at: int = -1  # the step this run resumed from
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # recorded in each COMPLETE
+    train_dtype: torch.dtype = torch.float32
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run training to cfg.max_steps; returns the summary (also printed by rank 0)."""
     run = setup(cfg)
-    fit(run)
+    try:
+        fit(run)
+    except faults.RunError as e:
+        run.sink.log_event(dict(event="error", step=run.state.step, message=str(e)))
+        run.sink.note(f"error: {e}")  # the log file; launch/train.py prints it
+        raise
     return finish(run)
 
 
@@ -170,14 +179,19 @@ def setup(cfg: RunConfig) -> Run:
         if why_not:
             raise ConfigError(why_not)
         attention_impl = attention.resolve(cfg.attention, dtype)
-        tokenizer = load_tokenizer(cfg.model_dir)
+        tokenizer = load_tokenizer(cfg.model_dir, cfg.trust_remote_code)
         # Names and shapes of the base weights against config.json, from the file headers.
         weight_index = weights.check_files(cfg.model_dir) if has_weights(cfg.model_dir) else {}
         train_set, eval_set = prepare_data(cfg, tokenizer)
         export = build_export(cfg.model_dir, tokenizer, train_set, cfg.prompt_format)
         resume_from = checkpoint.find_resume_point(cfg)
+        fingerprint = faults.fingerprint(
+            cfg, cfg.batch_size * cfg.gradient_accumulation_steps * world)
+        changes: list[str] = []
         if resume_from is not None:
             checkpoint.check_format(resume_from, export.info, cfg.prompt_format)
+            changes = checkpoint.check_inputs(resume_from, fingerprint, cfg.resume_allow_changes)
+        checkpoint.check_disk_at_start(cfg, dtype)
     except (ConfigError, DataError) as e:
         local_error = e
     except OSError as e:  # e.g. a permission error on one node's copy of a path
@@ -204,7 +218,7 @@ def setup(cfg: RunConfig) -> Run:
     t_load = time.perf_counter()
     model, hf_ds_config = build_model(cfg.model_dir, ds_config, dtype,
                                       cfg.gradient_checkpointing, cfg.seed, attention_impl,
-                                      cfg.loss)
+                                      cfg.loss, cfg.trust_remote_code)
     t_load = time.perf_counter() - t_load
     load_check = None
     # Every rank its own partition, the outcome gathered. Not on resume: the checkpoint's weights
@@ -259,6 +273,12 @@ def setup(cfg: RunConfig) -> Run:
         if resume_from is not None:
             for tag in resume_from.skipped:
                 sink.message(f"ignoring {tag}: incomplete (a save was interrupted)")
+            for line in resume_from.damaged:
+                sink.message(f"ignoring {line}; falling back to {resume_from.tag_dir.name}")
+            for change in changes:
+                sink.message(f"resuming with changed inputs (--resume_allow_changes): {change}")
+            if changes:
+                sink.log_event(dict(event="resume_changes", step=state.step, changes=changes))
             how = ("" if resume_from.world_size == world else
                    f", converted to a universal checkpoint: saved by {resume_from.world_size} "
                    f"ranks, now {world}")
@@ -266,10 +286,18 @@ def setup(cfg: RunConfig) -> Run:
             sink.log_event(dict(event="resume", step=state.step, tag=resume_from.tag_dir.name,
                                 world_size=world))
         consolidator = BackgroundConsolidator(Path(cfg.output_dir) / "logs", sink.message)
+        # Consolidations lost with a killed job (the child dies with it): redo them.
+        for tag_dir in checkpoint.complete_checkpoints(checkpoint.checkpoint_root(cfg.output_dir)):
+            if (checkpoint.wants_consolidation(cfg, checkpoint.step_of(tag_dir.name))
+                    and not (tag_dir / checkpoint.CONSOLIDATED).is_dir()):
+                sink.message(f"{tag_dir.name} was never consolidated (the job stopped first): "
+                             f"consolidating it now")
+                consolidator.start(tag_dir)
     probe_set = eval_set or train_set
     probe_ids = torch.tensor([probe_set.input_ids[0][:64]])
     run = Run(cfg, engine, scheduler, tokenizer, export, train_set, eval_set, sampler, state,
-              sink, num_params, world, wall0, probe_ids, consolidator, hf_ds_config)
+              sink, num_params, world, wall0, probe_ids, consolidator, hf_ds_config,
+              fingerprint=fingerprint, train_dtype=dtype)
     run.flops_per_token = flops_per_token(
         model.config, num_params, train_set.stats["tokens"] / len(train_set),
         train_set.stats["label_tokens"] / max(1, train_set.stats["tokens"]))
@@ -303,9 +331,6 @@ def fit(run: Run) -> None:
     stop = StopRequest(Path(cfg.output_dir) / "STOP")
     if run.eval_set is not None and state.step == 0 and not state.eval_history:
         run_eval(run)  # the step-0 baseline that later evals are compared with
-    def new_window() -> dict[str, Any]:
-        return dict(loss_sum=0.0, label_tokens=0, tokens=0, padded=0, t0=time.perf_counter())
-
     window = new_window()
     while state.step < cfg.max_steps:
         batches = run.sampler.step(state.consumed_samples)
@@ -321,47 +346,41 @@ def fit(run: Run) -> None:
         state.step += 1
         if os.environ.get(RAISE_ENV) == str(state.step):  # fault injection for the tests
             raise RuntimeError(f"injected failure at step {state.step} ({RAISE_ENV})")
+        if os.environ.get(NAN_ENV) == str(state.step):  # fault injection: a non-finite loss
+            loss_sum = loss_sum * float("nan")
         state.consumed_samples += run.sampler.global_batch
         state.examples_seen += len(batches.sample_ids)
         sink.log_samples(state.step, batches.sample_ids)
-        window["loss_sum"] += loss_sum  # stays on the device: no host sync per step
+        window["loss_sum"] += loss_sum  # stays on the device until the step's one collective
         window["label_tokens"] += batches.num_label_tokens
+        window["lr"] = lr
 
-        if state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
-            # One collective per logged step: summed CE, real and padded tokens over all ranks.
-            loss_total, tokens, padded = dist.all_reduce_sum(
-                [float(window["loss_sum"]), window["tokens"], window["padded"]])
-            elapsed = time.perf_counter() - window["t0"]
-            run.train_seconds += elapsed
-            state.tokens_seen += int(tokens)
-            run.tokens_per_s.append(tokens / elapsed)
-            grad_norm = engine.get_global_grad_norm()
-            record = dict(step=state.step, loss=loss_total / window["label_tokens"], lr=lr,
-                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                          tokens_per_s=tokens / elapsed, padding=1 - tokens / max(padded, 1),
-                          mfu=tokens / elapsed * run.flops_per_token / (run.peak_flops
-                                                                         * run.world),
-                          consumed_samples=state.consumed_samples,
-                          examples_seen=state.examples_seen,
-                          tokens_seen=state.tokens_seen,
-                          epoch=state.step / run.sampler.steps_per_epoch,
-                          elapsed_s=time.perf_counter() - run.wall0)
-            if torch.cuda.is_available():  # this rank's peak since the start, allocator view
-                record["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            run.mfu.append(record["mfu"])
-            sink.log_step(record)
-            sink.progress(state.step, {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}",
-                                       "tok/s": f"{record['tokens_per_s']:.0f}",
-                                       "mfu": f"{record['mfu']:.1%}"})
+        # One collective per step: stop together (so no rank leaves a collective hanging), and
+        # stop at once on a non-finite loss or gradient norm, before anything is saved.
+        stop_votes, step_loss = dist.all_reduce_sum([float(stop.requested()), float(loss_sum)])
+        stopping = stop_votes > 0
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        fp16 = run.train_dtype == torch.float16  # DeepSpeed skips overflowing fp16 steps itself
+        bad = faults.non_finite(state.step, step_loss / max(batches.num_label_tokens, 1),
+                                None if fp16 else grad_norm, checkpoint.last_checkpoint(cfg))
+        if bad:
+            sink.log_event(dict(event="non_finite", step=state.step, loss=str(step_loss),
+                                grad_norm=str(grad_norm)))
+            raise faults.RunError(bad)
+        saving = bool(cfg.save_every_n_steps) and (state.step % cfg.save_every_n_steps == 0
+                                                   or state.step == cfg.max_steps or stopping)
+        if (state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps or saving
+                or stopping):
+            # Also before every save and stop: the checkpoint's tokens_seen and the logs then
+            # hold every step up to it; nothing of an open window is lost.
+            log_window(run, window, grad_norm)
             window = new_window()
         paused = time.perf_counter()  # eval and saves do not count as training time
         if run.eval_set is not None and (state.step % cfg.eval_steps == 0
                                          or state.step == cfg.max_steps):
             run_eval(run)
-        # Stop together: one scalar all-reduce per step, so no rank leaves a collective hanging.
-        stopping = dist.any_rank(stop.requested())
-        if cfg.save_every_n_steps and (state.step % cfg.save_every_n_steps == 0
-                                       or state.step == cfg.max_steps or stopping):
+        if saving:
             save(run)
         window["t0"] += time.perf_counter() - paused
         if stopping:
@@ -374,20 +393,79 @@ def fit(run: Run) -> None:
     stop.restore()
 
 
+def new_window() -> dict[str, Any]:
+    return dict(loss_sum=0.0, label_tokens=0, tokens=0, padded=0, lr=0.0,
+                t0=time.perf_counter())
+
+
+def log_window(run: Run, window: dict[str, Any], grad_norm: float | None) -> None:
+    """Reduce the steps since the last log (one collective) and log them as one record."""
+    state, sink = run.state, run.sink
+    loss_total, tokens, padded = dist.all_reduce_sum(
+        [float(window["loss_sum"]), window["tokens"], window["padded"]])
+    elapsed = time.perf_counter() - window["t0"]
+    run.train_seconds += elapsed
+    state.tokens_seen += int(tokens)
+    run.tokens_per_s.append(tokens / elapsed)
+    lr = window["lr"]
+    record = dict(step=state.step, loss=loss_total / window["label_tokens"], lr=lr,
+                  grad_norm=grad_norm if grad_norm is not None else float("nan"),
+                  tokens_per_s=tokens / elapsed, padding=1 - tokens / max(padded, 1),
+                  mfu=tokens / elapsed * run.flops_per_token / (run.peak_flops * run.world),
+                  consumed_samples=state.consumed_samples, examples_seen=state.examples_seen,
+                  tokens_seen=state.tokens_seen, epoch=state.step / run.sampler.steps_per_epoch,
+                  elapsed_s=time.perf_counter() - run.wall0)
+    if torch.cuda.is_available():  # this rank's peak since the start, allocator view
+        record["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    run.mfu.append(record["mfu"])
+    sink.log_step(record)
+    sink.progress(state.step, {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}",
+                               "tok/s": f"{record['tokens_per_s']:.0f}",
+                               "mfu": f"{record['mfu']:.1%}"})
+
+
 def save(run: Run) -> None:
     cfg, state, sink = run.cfg, run.state, run.sink
     tag_dir = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.tag_for(state.step)
     if state.step == run.resumed_at and checkpoint.read_marker(tag_dir):
         return  # resumed here and stopped before another step: this checkpoint is the state
-    path, seconds, size = checkpoint.save(run.engine, cfg.output_dir, state, run.export,
-                                          run.probe_ids)
+    # Never write weights that are no longer finite (a loss can stay finite for a step after
+    # an update made them Inf): every rank checks its own partition, then all agree.
+    if dist.any_rank(not faults.local_weights_finite(run.engine)):
+        raise faults.RunError(f"step {state.step}: the weights are no longer finite; not saved. "
+                              f"Last complete checkpoint: {checkpoint.last_checkpoint(cfg)}")
+    needed = checkpoint.checkpoint_needs(cfg, run.train_dtype, state.step)
+    free = faults.free_bytes(cfg.output_dir)
+    if dist.any_rank(free < needed):
+        raise faults.RunError(faults.space_error(
+            cfg.output_dir, needed, free, f"not enough disk to save "
+            f"{checkpoint.tag_for(state.step)}", f"stopped before writing it; "
+            f"{checkpoint.last_checkpoint(cfg)} is the checkpoint --resume auto continues from "
+            f"once space is freed"))
+    info = checkpoint.SaveInfo(run.export, run.probe_ids, {"fingerprint": run.fingerprint},
+                               needed, eval_summary(run))
+    path, seconds, size = checkpoint.save(run.engine, cfg.output_dir, state, info)
     sink.message(f"saved {path} in {seconds:.1f}s ({size / 2**20:.1f} MiB)")
     run.consolidator.wait()  # never prune a checkpoint that is still being consolidated
-    for tag in checkpoint.prune(cfg.output_dir, cfg.keep_last, cfg.keep_best, state):
-        sink.message(f"removed {tag} (--keep_last {cfg.keep_last})")
-    if cfg.consolidate == "every" or (cfg.consolidate == "final"
-                                      and state.step == cfg.max_steps):
+    for line in checkpoint.prune(cfg.output_dir, cfg.keep_last, cfg.keep_best, state,
+                                 cfg.keep_consolidated,
+                                 lambda step: checkpoint.wants_consolidation(cfg, step)):
+        sink.message(f"{line} (--keep_last {cfg.keep_last}"
+                     + (f", --keep_consolidated {cfg.keep_consolidated}"
+                        if cfg.keep_consolidated else "") + ")")
+    if checkpoint.wants_consolidation(cfg, state.step):
         run.consolidator.start(path)  # rank 0, in the background
+
+
+def eval_summary(run: Run) -> dict[str, Any]:
+    """This step's eval and the best so far, saved with the checkpoint for its manifest."""
+    history, step = run.state.eval_history, run.state.step
+    here = next((r for r in history if r["step"] == step), None)
+    best = min(history, key=lambda r: r["eval_loss"], default=None)
+    return {"step": step, "eval_loss": here["eval_loss"] if here else None,
+            "diverged": bool(here and here.get("diverged")),
+            "best_step": best["step"] if best else None,
+            "best_eval_loss": best["eval_loss"] if best else None}
 
 
 class StopRequest:
@@ -429,19 +507,26 @@ class StopRequest:
 
 def run_eval(run: Run) -> None:
     loss = evaluate(run.engine, run.eval_set, run.cfg.batch_size, run.tokenizer.pad_token_id)
-    run.state.eval_history.append(dict(step=run.state.step, eval_loss=loss,
-                                       perplexity=math.exp(min(loss, 50.0))))
-    run.sink.log_eval(run.state.eval_history)
+    history = run.state.eval_history
+    record = dict(step=run.state.step, eval_loss=loss, perplexity=math.exp(min(loss, 50.0)))
+    best = faults.diverging(loss, history, run.cfg.divergence_factor)
+    if best is not None:
+        record["diverged"] = True
+        run.sink.message(f"warning: eval loss {loss:.4f} at step {run.state.step} is "
+                         f"{loss / best['eval_loss']:.1f}x the best so far "
+                         f"({best['eval_loss']:.4f} at step {best['step']}): the run may be "
+                         f"diverging "
+                         f"(--divergence_factor {run.cfg.divergence_factor})")
+    history.append(record)
+    run.sink.log_eval(history)
 
 
 def finish(run: Run) -> dict[str, Any]:
     """Wait for the final consolidation, print the summary, close the sinks."""
     state, cfg = run.state, run.cfg
-    final = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.tag_for(state.step)
-    if (cfg.consolidate != "none" and state.step == cfg.max_steps and not run.stopped
-            and state.step == run.resumed_at and not (final / "consolidated").exists()):
-        # Resumed at the very end, e.g. after the final consolidation was killed with the job.
-        run.consolidator.start(final)
+    best = state.best
+    best_model = (checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.tag_for(best["step"])
+                  / checkpoint.CONSOLIDATED) if best else None
     watchdog.stop()  # every rank stops watching before any may exit (rank 0 hosts the store)
     dist.barrier()
     consolidated = run.consolidator.wait()  # rank 0 only; the other ranks are free to exit
@@ -454,6 +539,8 @@ def finish(run: Run) -> dict[str, Any]:
                    eval=state.eval_history, stopped=run.stopped,
                    train_seconds=run.train_seconds, examples_seen=state.examples_seen,
                    tokens_seen=state.tokens_seen,
+                   best_checkpoint=str(best_model) if best_model and (
+                       best_model.is_dir() or best_model == consolidated) else None,
                    eval_data=run.eval_set.stats if run.eval_set is not None else None)
     if torch.cuda.is_available():
         summary["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -518,6 +605,10 @@ def format_summary(s: dict[str, Any]) -> str:
             lines.append(f"eval over {data['examples']} of {data['records']} records: "
                          f"{data['dropped']} longer than --max_seq_length left out, "
                          f"{data['truncated']} cut to it")
+    if s.get("best_checkpoint") and s["eval"]:
+        best = min(s["eval"], key=lambda r: r["eval_loss"])
+        lines.append(f"best checkpoint by eval loss (step {best['step']}): "
+                     f"{s['best_checkpoint']}")
     c = s["consolidated"]
     if c:
         lines += [f"consolidated checkpoint: {c}",

@@ -17,13 +17,30 @@ def has_weights(model_dir: Path) -> bool:
     return any(any(Path(model_dir).glob(g)) for g in WEIGHT_GLOBS)
 
 
-def load_tokenizer(model_dir: Path) -> Any:
+def check_remote_code(model_dir: Path, trust: bool) -> None:
+    """A model directory whose config or tokenizer config maps to its own Python code
+    (`auto_map`) runs that code when loaded: only with --trust_remote_code."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        f = Path(model_dir) / name
+        try:
+            mapped = "auto_map" in json.loads(f.read_text()) if f.is_file() else False
+        except ValueError:
+            continue  # a broken file is reported by the loader below, naming it
+        if mapped and not trust:
+            raise ConfigError(f"{f}: names custom model code (auto_map), which would run on "
+                              f"every rank; pass --trust_remote_code if you trust its source")
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
     """The tokenizer, after checking that the model's config loads too (a ConfigError if not)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_remote_code(model_dir, trust_remote_code)
     for what, loader in (("model config", AutoConfig), ("tokenizer", AutoTokenizer)):
         try:
-            loaded = loader.from_pretrained(str(model_dir))
+            loaded = loader.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{model_dir}: cannot load the {what}: {first}") from None
@@ -37,7 +54,7 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def build_model(model_dir: Path, ds_config: dict[str, Any], dtype: torch.dtype,
                 gradient_checkpointing: bool, seed: int, attention_impl: str = "loop",
-                loss_impl: str = "chunked") -> tuple[Any, Any]:
+                loss_impl: str = "chunked", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Create the causal LM with its parameters already sharded across ranks.
 
     Returns (model, hf_ds_config). The caller must keep `hf_ds_config` alive until
@@ -51,9 +68,10 @@ def build_model(model_dir: Path, ds_config: dict[str, Any], dtype: torch.dtype,
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     set_seed(seed)  # same init on every rank, whatever the launch order
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     config.use_cache = False  # no KV cache in training (and required by gradient checkpointing)
-    kwargs = dict(dtype=dtype, attn_implementation=attention.register(attention_impl))
+    kwargs = dict(dtype=dtype, attn_implementation=attention.register(attention_impl),
+                  trust_remote_code=trust_remote_code)
     if has_weights(model_dir):
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, **kwargs)
     else:

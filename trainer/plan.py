@@ -333,14 +333,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of tokens that are loss targets (logits are computed only there)")
     p.add_argument("--overhead_gb", type=float, default=1.5,
                    help="CUDA context, NCCL buffers and fragmentation per GPU")
+    # The run's length and retention policy, for the disk the whole run needs; defaults as in
+    # launch/train.py.
+    p.add_argument("--max_steps", type=int, help="default: the size's")
+    p.add_argument("--save_every_n_steps", "--save_steps", type=int, help="default: the size's")
+    p.add_argument("--consolidate", choices=("every", "final", "none"),
+                   help="default: the size's")
+    p.add_argument("--keep_last", type=int, default=2,
+                   help="resumable states kept (0: all), as launch/train.py")
+    p.add_argument("--keep_consolidated", type=int, default=0,
+                   help="consolidated models kept (0: all), as launch/train.py")
+    p.add_argument("--keep_best", action=argparse.BooleanOptionalAction, default=False)
     return p
+
+
+@dataclass(frozen=True)
+class Retention:
+    max_steps: int
+    save_every: int
+    consolidate: str
+    keep_last: int
+    keep_consolidated: int
+    keep_best: bool
+
+    def saves(self) -> int:
+        if self.save_every <= 0:
+            return 0
+        return len(set(range(self.save_every, self.max_steps + 1, self.save_every))
+                   | {self.max_steps})
+
+    def peak_disk(self, est: Estimate) -> tuple[float, int, int]:
+        """(bytes, resumable states, consolidated models) at the run's fullest moment: the end,
+        with a new checkpoint written before retention removes an older state."""
+        n = self.saves()
+        extra = 1 if self.keep_best else 0
+        states = n if self.keep_last <= 0 else min(n, self.keep_last + 1 + extra)
+        models = {"every": n, "final": min(n, 1), "none": 0}[self.consolidate]
+        if self.keep_consolidated > 0:
+            models = min(models, self.keep_consolidated + extra)
+        return (states * est.checkpoint_disk + models * est.consolidated_disk, states, models)
 
 
 def setup_from_args(args: argparse.Namespace) -> tuple[Shape, Setup]:
     defaults = SIZE_DEFAULTS[args.model_size]  # what launch/train.py would use
-    for flag in ("max_seq_length", "batch_size", "gradient_checkpointing"):
+    for flag in ("max_seq_length", "batch_size", "gradient_checkpointing", "max_steps",
+                 "save_every_n_steps", "consolidate"):
         if getattr(args, flag) is None:
             setattr(args, flag, defaults.get(flag, False))
+    for flag in ("keep_last", "keep_consolidated", "save_every_n_steps"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag} must be 0 or more")
+    if args.max_steps < 1:
+        raise ConfigError("--max_steps must be at least 1")
     for flag in ("num_nodes", "gpus_per_node", "max_seq_length", "batch_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1")
@@ -373,7 +417,12 @@ def setup_from_args(args: argparse.Namespace) -> tuple[Shape, Setup]:
                         reduce_bucket=int(zero.get("reduce_bucket_size", 0)), total_gpus=total)
 
 
-def report(shape: Shape, s: Setup, est: Estimate) -> str:
+def retention_from_args(args: argparse.Namespace) -> Retention:
+    return Retention(args.max_steps, args.save_every_n_steps, args.consolidate, args.keep_last,
+                     args.keep_consolidated, args.keep_best)
+
+
+def report(shape: Shape, s: Setup, est: Estimate, keep: Retention | None = None) -> str:
     n = shape.total_params()
     lines = [f"model: {n / 1e9:.2f}B parameters (hidden {shape.hidden}, {shape.layers} layers, "
              f"vocab {shape.vocab}{', tied' if shape.tied else ''}); "
@@ -391,8 +440,19 @@ def report(shape: Shape, s: Setup, est: Estimate) -> str:
               f"| {_gb(est.checkpoint_disk)} |",
               f"| consolidated/ per checkpoint (training dtype) | {_gb(est.consolidated_disk)} |",
               f"| consolidation peak RAM (streaming; bench/consolidate.py) "
-              f"| about {_gb(est.consolidation_ram)} |", ""]
-    return "\n".join(lines)
+              f"| about {_gb(est.consolidation_ram)} |"]
+    if keep is not None and keep.saves():
+        total, states, models = keep.peak_disk(est)
+        everything = keep.saves() * (est.checkpoint_disk + est.consolidated_disk * (
+            keep.consolidate == "every")) + est.consolidated_disk * (keep.consolidate == "final")
+        lines.append(f"| disk for the whole run: {keep.saves()} saves over {keep.max_steps} "
+                     f"steps; at most {states} resumable state(s) (--keep_last "
+                     f"{keep.keep_last}{', --keep_best' if keep.keep_best else ''}) and "
+                     f"{models} consolidated model(s) (--consolidate {keep.consolidate}"
+                     + (f", --keep_consolidated {keep.keep_consolidated}"
+                        if keep.keep_consolidated else "") + f") | {_gb(total)} "
+                     f"(keeping every state: {_gb(everything)}) |")
+    return "\n".join(lines + [""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
-    print(report(shape, s, est))
+    print(report(shape, s, est, retention_from_args(args)))
     if est.fits:
         print(f"FITS: {_gb(est.gpu_total)} per GPU of {_gb(s.gpu_mem)} "
               f"({est.gpu_total / s.gpu_mem:.0%}).")
