@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qsft: error: {e}", file=sys.stderr)
         return 2
     except RunError as e:
-        watchdog.fail(e)
+        # Raised by every rank at the same point: leaving is not a failure the others must be
+        # told about (that could race rank 0's own one line); a rank-local one is.
+        watchdog.stop() if e.everywhere else watchdog.fail(e)
         if dist.env_rank() == 0 or not e.everywhere:
             print(f"qsft: error: {e}", file=sys.stderr)
         return 1

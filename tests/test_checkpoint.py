@@ -101,6 +101,32 @@ def test_retention_keeps_every_model_but_only_the_newest_states(tmp_path):
                                                                 "checkpoint-50"]
 
 
+def test_retention_keeps_states_it_promised_and_finishes_a_half_done_prune(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        _with_files(root, step, consolidated=True)
+    (root / "latest").write_text("checkpoint-30")
+    # --keep_last 3 keeps every state, --keep_consolidated 1 only the newest model.
+    assert prune(tmp_path, keep_last=3, keep_best=False, state=TrainerState(step=30),
+                 keep_consolidated=1) == [
+        "removed checkpoint-10/consolidated, kept its resumable state",
+        "removed checkpoint-20/consolidated, kept its resumable state"]
+    assert len(complete_checkpoints(root)) == 3
+    # A crash halfway through pruning 30's state: PRUNED written, a shard left behind. It is
+    # no longer resumable, and the next prune removes what is left.
+    (root / "checkpoint-40").mkdir()
+    _with_files(root, 40, consolidated=True)
+    (root / "latest").write_text("checkpoint-40")
+    (root / "checkpoint-30" / "PRUNED").write_text("{}")
+    assert [p.name for p in complete_checkpoints(root)][-1] == "checkpoint-40"
+    assert "checkpoint-30" not in [p.name for p in complete_checkpoints(root)]
+    changes = prune(tmp_path, keep_last=3, keep_best=False, state=TrainerState(step=40))
+    assert changes == ["removed the resumable state of checkpoint-30, kept "
+                       "checkpoint-30/consolidated"]
+    assert sorted(f.name for f in (root / "checkpoint-30").iterdir()) == ["PRUNED",
+                                                                         "consolidated"]
+
+
 def test_retention_never_touches_latest_nor_a_state_still_to_be_consolidated(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30):

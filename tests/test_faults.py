@@ -80,7 +80,17 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resume_works(smal
     assert at2 and saved["state"]["tokens_seen"] == at2[0]["tokens_seen"] > 0
 
     (out / ".qsft-test-filler").unlink()  # space freed
-    res = _train(tmp_path, out, *args, "--max_steps", "8", "--resume_allow_changes")
+    # Rank 1 alone fails to write (the other rank's save succeeds and waits in DeepSpeed's final
+    # barrier): the ranks still meet, decide together and stop with the same line.
+    longer = [*args, "--max_steps", "8", "--resume_allow_changes"]
+    res = _train(tmp_path, out, *longer, env={"QSFT_TEST_FAIL_SAVE_ON_RANK": "1:4"})
+    assert res.returncode == 1, res.stdout[-3000:]
+    errors = [x for x in res.stdout.splitlines() if "qsft: error" in x]
+    assert len(errors) == 1 and "out of disk space saving checkpoint-4" in errors[0]
+    assert not (ckpts / "checkpoint-4").exists() and (ckpts / "latest").read_text() == (
+        "checkpoint-2")
+
+    res = _train(tmp_path, out, *longer)
     assert res.returncode == 0, res.stdout[-3000:]
     assert "resumed from" in res.stdout and "at step 2" in res.stdout
     assert "resuming with changed inputs (--resume_allow_changes): max_steps 6 -> 8" in (
@@ -98,20 +108,21 @@ def test_divergence_is_flagged_and_a_nan_loss_stops_before_any_save(tmp_path):
     del ds["gradient_clipping"]  # clipping off and a high learning rate: the loss climbs
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     out = tmp_path / "run"
+    # The NaN comes at a save step: it must stop the run before that save.
     res = _train(tmp_path, out, "--ds_config", str(tmp_path / "ds.json"), "--learning_rate",
                  "0.2", "--max_steps", "6", "--save_steps", "2", "--eval_steps", "2",
-                 "--logging_steps", "1", env={"QSFT_TEST_NAN_LOSS_AT_STEP": "3"})
+                 "--logging_steps", "1", env={"QSFT_TEST_NAN_LOSS_AT_STEP": "4"})
     assert res.returncode == 1, res.stdout[-3000:]
     assert "the run may be diverging (--divergence_factor 1.5)" in res.stdout
     evals = json.loads((out / "logs" / "eval_results.json").read_text())["history"]
     assert evals[0]["step"] == 0 and "diverged" not in evals[0]
     assert any(r.get("diverged") for r in evals[1:])
     errors = [x for x in res.stdout.splitlines() if "qsft: error" in x]
-    assert len(errors) == 1 and "step 3: loss nan" in errors[0], res.stdout[-3000:]
+    assert len(errors) == 1 and "step 4: loss nan" in errors[0], res.stdout[-3000:]
     assert f"Last complete checkpoint: {out / 'checkpoints' / 'checkpoint-2'}" in errors[0]
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
         "checkpoint-2"]  # nothing saved after the NaN
-    assert "error: step 3: loss nan" in (out / "logs" / "training_log.txt").read_text()
+    assert "error: step 4: loss nan" in (out / "logs" / "training_log.txt").read_text()
 
 
 @pytest.mark.multirank
@@ -162,10 +173,27 @@ def test_remote_code_needs_the_flag(tmp_path):
     config = json.loads((model / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (model / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"config.json: names custom model code \(auto_map\)"
-                                          r".*--trust_remote_code"):
+    assert load_tokenizer(model) is not None  # qwen2 is transformers' own: auto_map unused
+    config["model_type"] = "evil"
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config.json: needs custom code \(auto_map\) for a "
+                                          r"class transformers does not have.*"
+                                          r"--trust_remote_code"):
         load_tokenizer(model)
-    assert load_tokenizer(model, trust_remote_code=True) is not None  # its tokenizer is plain
+
+
+def test_weight_check_sees_a_non_finite_value_in_any_partition():
+    from types import SimpleNamespace
+
+    from trainer.faults import local_weights_finite
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    engine = SimpleNamespace(module=module)
+    assert local_weights_finite(engine)
+    shard = torch.ones(4)  # what ZeRO-3 keeps of a parameter on this rank
+    module[1].weight.ds_tensor = shard
+    shard[2] = float("inf")
+    assert not local_weights_finite(engine)
 
 
 def test_non_finite_and_divergence_rules():

@@ -102,9 +102,10 @@ def read_marker(tag_dir: Path) -> dict[str, Any] | None:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete tag directories under root, oldest first."""
+    """Complete (resumable) tag directories under root, oldest first."""
     tags = [p for p in Path(root).glob("checkpoint-*") if p.is_dir() and step_of(p.name) >= 0]
-    return sorted((p for p in tags if read_marker(p)), key=lambda p: step_of(p.name))
+    return sorted((p for p in tags if read_marker(p) and not (p / PRUNED).exists()),
+                  key=lambda p: step_of(p.name))
 
 
 @dataclass
@@ -142,7 +143,7 @@ def find_resume_point(cfg: RunConfig) -> ResumePoint | None:
         tag_dir = done[-1]
         skipped = sorted((p.name for p in root.glob("checkpoint-*")
                           if p.is_dir() and step_of(p.name) > step_of(tag_dir.name)
-                          and not (p / COMPLETE).exists()),
+                          and not any((p / m).exists() for m in (COMPLETE, PRUNED))),
                          key=step_of)
     else:
         tag_dir, skipped = Path(cfg.resume), []
@@ -153,8 +154,11 @@ def find_resume_point(cfg: RunConfig) -> ResumePoint | None:
         problem = verify_files(tag_dir, read_marker(tag_dir) or {})
         if problem:
             raise ConfigError(f"--resume {tag_dir}: damaged checkpoint: {problem}")
-        newer = [p.name for p in complete_checkpoints(root)
-                 if step_of(p.name) > step_of(tag_dir.name)]
+        # Pruned ones count: their consolidated models would be replaced on the way.
+        newer = sorted((p.name for p in root.glob("checkpoint-*") if p.is_dir()
+                        and step_of(p.name) > step_of(tag_dir.name)
+                        and any((p / m).exists() for m in (COMPLETE, PRUNED, CONSOLIDATED))),
+                       key=step_of)
         if newer and Path(tag_dir).resolve().parent == root.resolve():
             # They belong to another trajectory: --resume auto would later pick them up, and
             # --keep_last would count them. Going back in time is explicit.
@@ -212,37 +216,48 @@ def wants_consolidation(cfg: RunConfig, step: int) -> bool:
     return cfg.consolidate == "every" or (cfg.consolidate == "final" and step == cfg.max_steps)
 
 
-def check_disk_at_start(cfg: RunConfig, dtype: torch.dtype) -> None:
+def check_disk_at_start(cfg: RunConfig, dtype: torch.dtype, resume_step: int | None) -> None:
     """Refuse to start when the output filesystem cannot hold one more checkpoint: the newest
-    checkpoint's measured size, or before any exists the planner's figure (ConfigError)."""
-    if not cfg.save_every_n_steps:
+    checkpoint's recorded size, or before any exists the planner's figure (ConfigError). Not
+    when nothing will be saved (resumed at the last step); with --overwrite the old run's
+    checkpoints count as free."""
+    if not cfg.save_every_n_steps or resume_step == cfg.max_steps:
         return
-    needed = checkpoint_needs(cfg, dtype, None)
+    root = checkpoint_root(cfg.output_dir)
+    overwrite = cfg.resume == "none" and cfg.overwrite
+    needed = checkpoint_needs(cfg, dtype, None, measured=not overwrite)
     free = faults.free_bytes(cfg.output_dir)
+    if overwrite and root.is_dir():
+        free += sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     if free < needed:
         raise ConfigError(faults.space_error(
             cfg.output_dir, needed, free, f"--output_dir {cfg.output_dir}: not enough disk for "
             f"one checkpoint", "free space or choose another --output_dir"))
 
 
-def checkpoint_needs(cfg: RunConfig, dtype: torch.dtype, step: int | None) -> int:
-    """Bytes one more checkpoint takes: measured on the newest one, else estimated from the
-    model's shape (trainer.plan's 14 bytes/param), plus consolidated/ when this one gets it."""
-    root = checkpoint_root(cfg.output_dir)
-    done = complete_checkpoints(root)
-    consolidates = cfg.consolidate == "every" or (cfg.consolidate == "final" and (
-        step is None or step == cfg.max_steps))
-    if done:
-        state_b, model_b = faults.measured_bytes(done[-1])
-        if consolidates and not model_b:
-            model_b = state_b // 6  # no model to measure: bf16/fp32 weights ~ 1/6 of the state
-        return state_b + (model_b if consolidates else 0)
+def checkpoint_needs(cfg: RunConfig, dtype: torch.dtype, step: int | None,
+                     measured: bool = True) -> int:
+    """Bytes one more checkpoint takes: the newest checkpoint's state as its COMPLETE marker
+    recorded it (not universal/ or a consolidation in progress), else the planner's estimate
+    from the model's shape (14 bytes/param); plus the consolidated model when this save gets
+    one (its manifest's figure, else parameters x the training dtype's size)."""
     from trainer.plan import Shape
 
     config = json.loads((Path(cfg.model_dir) / "config.json").read_text())
     n = Shape.from_config(config).total_params()
     e = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    return faults.state_bytes(n) + (e * n if consolidates else 0)
+    consolidates = cfg.consolidate == "every" or (cfg.consolidate == "final" and (
+        step is None or step == cfg.max_steps))
+    state_b, model_b = faults.state_bytes(n), e * n
+    done = complete_checkpoints(checkpoint_root(cfg.output_dir)) if measured else []
+    if done:
+        state_b = sum((read_marker(done[-1]) or {}).get("files", {}).values()) or state_b
+        try:
+            manifest = json.loads((done[-1] / CONSOLIDATED / "manifest.json").read_text())
+            model_b = sum(f["bytes"] for f in manifest["files"].values())
+        except (OSError, ValueError, KeyError):
+            pass
+    return state_b + (model_b if consolidates else 0)
 
 
 def clear_previous_run(output_dir: Path) -> None:
@@ -302,6 +317,17 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)  # the rename itself durable before anything that relies on it
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fsync(paths: list[Path]) -> None:
@@ -313,13 +339,7 @@ def _fsync(paths: list[Path]) -> None:
         finally:
             os.close(fd)
     for d in sorted({f.parent for f in paths}):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError:  # some filesystems refuse fsync on a directory; the files are synced
-            pass
-        finally:
-            os.close(fd)
+        _fsync_dir(d)
 
 
 def _own_files(tag_dir: Path) -> list[Path]:
@@ -363,15 +383,22 @@ def save(engine: Any, output_dir: Path, state: TrainerState, info: SaveInfo
         shutil.rmtree(tag_dir)  # left incomplete by a crash: never mix two saves' files
     if dist.is_main() and os.environ.get(faults.FILL_ENV) == str(state.step):
         faults.fill_for_test(output_dir)  # fault injection: another job fills the disk
+    if os.environ.get(faults.FAIL_ENV) == f"{dist.rank()}:{state.step}":
+        faults.fail_writes_for_test(engine)  # fault injection: this rank alone fails
     dist.barrier()
     error: BaseException | None = None
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={STATE_KEY: state.state_dict()},
                                save_latest=False)
     except (OSError, RuntimeError) as e:
-        # Raised between DeepSpeed's tag check and its final barrier, where the ranks that
-        # succeeded now wait: meet them there, then decide together.
+        # A write failed between DeepSpeed's tag check (its last collective before the writes)
+        # and the end of its save_checkpoint, where the ranks that succeeded go on with the
+        # ZeRO-3 optimizer's checkpoint epilogue (an all-gather of the persistent parameters)
+        # and a barrier (DeepSpeed 0.19.8, engine.save_checkpoint): take part in both, then
+        # decide together.
         error = e
+        if engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()
         dist.barrier()
     rng = dist.gather_objects(_rng_state())  # a collective: every rank's generators
     probe = _probe_logits(engine, info.probe_ids)  # a forward pass: every rank takes part
@@ -444,27 +471,28 @@ def _probe_logits(engine: Any, input_ids: torch.Tensor) -> dict[str, Any]:
 def prune(output_dir: Path, keep_last: int, keep_best: bool, state: TrainerState,
           keep_consolidated: int = 0, wanted: Any = lambda step: False) -> list[str]:
     """Apply the retention policy; returns one line per checkpoint changed. Rank 0 only, after
-    `latest` names the new checkpoint and no consolidation is running.
+    `latest` names the new checkpoint.
 
     Resumable states beyond the newest `keep_last` (0 keeps all) go, except the one `latest`
     names, the best-eval one with `keep_best`, and one whose consolidation `wanted(step)` but
-    has not succeeded (its state is what a retry needs). A checkpoint keeps its consolidated/
-    model, unless beyond the newest `keep_consolidated` models (0 keeps all); one left with
-    neither is removed whole. COMPLETE goes first, so a crash halfway never leaves a tag that
-    looks resumable without its files.
+    has not succeeded (still running, queued, failed: its state is what a retry needs). A
+    checkpoint keeps its consolidated/ model, unless beyond the newest `keep_consolidated`
+    models (0 keeps all); one left with neither is removed whole. PRUNED is written first and
+    overrides COMPLETE, so a crash halfway never leaves a tag that looks resumable without its
+    files, and the next prune finishes the job.
     """
     if not dist.is_main():
         return []
     root = checkpoint_root(output_dir)
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     tags = sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and step_of(p.name) >= 0
-                   and ((p / COMPLETE).exists() or (p / PRUNED).exists())),
+                   and any((p / m).exists() for m in (COMPLETE, PRUNED, CONSOLIDATED))),
                   key=lambda p: step_of(p.name))
     saved = {step_of(p.name) for p in tags}
     evals = [r for r in state.eval_history if r["step"] in saved]
     best = tag_for(min(evals, key=lambda r: r["eval_loss"])["step"]) if evals else None
     spared = {latest} | ({best} if keep_best else set())
-    resumable = [p for p in tags if (p / COMPLETE).exists()]
+    resumable = [p for p in tags if _resumable(p)]
     keep_state = {p.name for p in resumable[-keep_last:]} if keep_last > 0 else {
         p.name for p in resumable}
     models = [p for p in tags if (p / CONSOLIDATED).is_dir()]
@@ -473,25 +501,37 @@ def prune(output_dir: Path, keep_last: int, keep_best: bool, state: TrainerState
     changes = []
     for p in tags:
         has_model = (p / CONSOLIDATED).is_dir()
-        drop_state = ((p / COMPLETE).exists() and p.name not in keep_state | spared
-                      and (has_model or not wanted(step_of(p.name))))
+        if _resumable(p):
+            drop_state = p.name not in keep_state | spared and (
+                has_model or not wanted(step_of(p.name)))
+        else:  # pruned before, or a crash left it half-pruned: nothing resumable to keep
+            drop_state = any(i.name not in (CONSOLIDATED, PRUNED) for i in p.iterdir())
         drop_model = has_model and p.name not in keep_model | spared
         if not (drop_state or drop_model):
             continue
-        if drop_state:
-            (p / COMPLETE).unlink()
-        if drop_model or not has_model:
+        state_gone = drop_state or not _resumable(p)
+        if state_gone and (drop_model or not has_model):
+            (p / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(p)
             changes.append(f"removed {p.name}")
             continue
-        for item in p.iterdir():
-            if item.name not in (CONSOLIDATED, PRUNED):
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        if drop_model:  # its state stays (within --keep_last): only the model goes
+            shutil.rmtree(p / CONSOLIDATED)
+            changes.append(f"removed {p.name}/{CONSOLIDATED}, kept its resumable state")
+            continue
         _atomic_write(p / PRUNED, json.dumps({"step": step_of(p.name), "kept": CONSOLIDATED,
                                               "removed": "resumable state (ZeRO shards, "
                                                          "trainer state)"}))
+        (p / COMPLETE).unlink(missing_ok=True)
+        for item in p.iterdir():
+            if item.name not in (CONSOLIDATED, PRUNED):
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
         changes.append(f"removed the resumable state of {p.name}, kept {p.name}/{CONSOLIDATED}")
     return changes
+
+
+def _resumable(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).exists() and not (tag_dir / PRUNED).exists()
 
 
 def prepare_universal(point: ResumePoint) -> Path:

@@ -54,19 +54,6 @@ def state_bytes(num_params: int) -> int:
     return 14 * num_params + (4 << 20)
 
 
-def measured_bytes(tag_dir: Path) -> tuple[int, int]:
-    """(resumable state, consolidated/) bytes of a saved checkpoint, as they are on disk."""
-    state = consolidated = 0
-    for f in Path(tag_dir).rglob("*"):
-        if f.is_file():
-            size = f.stat().st_size
-            if "consolidated" in f.relative_to(tag_dir).parts[:1]:
-                consolidated += size
-            else:
-                state += size
-    return state, consolidated
-
-
 def space_error(path: Path, needed: int, free: int, what: str, fallback: str) -> str:
     return (f"{what}: {path} needs about {_mb(needed)}, {_mb(free)} free on its filesystem; "
             f"{fallback}")
@@ -85,6 +72,23 @@ def is_out_of_space(error: BaseException, path: Path, needed: int) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return isinstance(error, (OSError, RuntimeError)) and free_bytes(path) < needed
+
+
+# Fault injection: "RANK:STEP" makes that rank alone fail writing its optimizer shard with
+# ENOSPC at that step's save, while the other ranks succeed and wait in DeepSpeed's barrier.
+FAIL_ENV = "QSFT_TEST_FAIL_SAVE_ON_RANK"
+
+
+def fail_writes_for_test(engine: Any) -> None:
+    ckpt_engine = engine.checkpoint_engine
+    real_save = ckpt_engine.save
+
+    def save(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        if "optim_states" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
+        return real_save(state_dict, path, *args, **kwargs)
+
+    ckpt_engine.save = save
 
 
 def fill_for_test(path: Path) -> None:

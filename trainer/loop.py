@@ -191,7 +191,8 @@ def setup(cfg: RunConfig) -> Run:
         if resume_from is not None:
             checkpoint.check_format(resume_from, export.info, cfg.prompt_format)
             changes = checkpoint.check_inputs(resume_from, fingerprint, cfg.resume_allow_changes)
-        checkpoint.check_disk_at_start(cfg, dtype)
+        checkpoint.check_disk_at_start(
+            cfg, dtype, resume_from.marker.get("step") if resume_from else None)
     except (ConfigError, DataError) as e:
         local_error = e
     except OSError as e:  # e.g. a permission error on one node's copy of a path
@@ -382,6 +383,7 @@ def fit(run: Run) -> None:
             run_eval(run)
         if saving:
             save(run)
+        run.consolidator.poll()  # rank 0: start the next queued consolidation, if any
         window["t0"] += time.perf_counter() - paused
         if stopping:
             sink.message(f"stopped at step {state.step} ({stop.reason}); " + (
@@ -446,7 +448,8 @@ def save(run: Run) -> None:
                                needed, eval_summary(run))
     path, seconds, size = checkpoint.save(run.engine, cfg.output_dir, state, info)
     sink.message(f"saved {path} in {seconds:.1f}s ({size / 2**20:.1f} MiB)")
-    run.consolidator.wait()  # never prune a checkpoint that is still being consolidated
+    # A checkpoint still (or not yet) being consolidated has no consolidated/: prune keeps its
+    # state, so nothing waits for the background consolidations here.
     for line in checkpoint.prune(cfg.output_dir, cfg.keep_last, cfg.keep_best, state,
                                  cfg.keep_consolidated,
                                  lambda step: checkpoint.wants_consolidation(cfg, step)):

@@ -19,18 +19,25 @@ def has_weights(model_dir: Path) -> bool:
 
 def check_remote_code(model_dir: Path, trust: bool) -> None:
     """A model directory whose config or tokenizer config maps to its own Python code
-    (`auto_map`) runs that code when loaded: only with --trust_remote_code."""
+    (`auto_map`) for a model or tokenizer transformers does not have would run that code when
+    loaded: only with --trust_remote_code. (With a class transformers has, its own is used.)"""
     import json
 
-    for name in ("config.json", "tokenizer_config.json"):
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    for name, native in (("config.json", lambda c: c.get("model_type") in CONFIG_MAPPING_NAMES),
+                         ("tokenizer_config.json",
+                          lambda c: hasattr(transformers, str(c.get("tokenizer_class"))))):
         f = Path(model_dir) / name
         try:
-            mapped = "auto_map" in json.loads(f.read_text()) if f.is_file() else False
+            content = json.loads(f.read_text()) if f.is_file() else {}
         except ValueError:
-            continue  # a broken file is reported by the loader below, naming it
-        if mapped and not trust:
-            raise ConfigError(f"{f}: names custom model code (auto_map), which would run on "
-                              f"every rank; pass --trust_remote_code if you trust its source")
+            continue  # a broken file is reported by the loader, naming it
+        if "auto_map" in content and not native(content) and not trust:
+            raise ConfigError(f"{f}: needs custom code (auto_map) for a class transformers does "
+                              f"not have; it would run on every rank: pass --trust_remote_code "
+                              f"if you trust its source")
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
