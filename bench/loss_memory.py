@@ -16,11 +16,9 @@ model's hidden size.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ sys.path.insert(0, str(REPO))
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from tests.scripts.activation_peak import live
+    from tests.scripts.activation_peak import peak_during
     from trainer.loss import LinearWithLoss
 
     torch.set_num_threads(2)
@@ -48,23 +46,8 @@ def child(args: argparse.Namespace) -> None:
         return time.perf_counter() - t0
 
     step(8)  # warm-up: the weight's .grad exists from here on
-    gc.collect()
-    base = peak = live()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, live())
-            time.sleep(0.0002)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    seconds = step(args.tokens)
-    done.set()
-    thread.join()
-    print(json.dumps({"method": args.method, "peak_bytes": max(peak, live()) - base,
-                      "seconds": seconds}))
+    peak, seconds = peak_during(lambda: step(args.tokens))
+    print(json.dumps({"method": args.method, "peak_bytes": peak, "seconds": seconds}))
 
 
 def main() -> None:

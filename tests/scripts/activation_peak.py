@@ -46,6 +46,29 @@ def live() -> int:
     return info.uordblks + info.hblkhd
 
 
+def peak_during(fn):
+    """Run fn() while a thread samples live() every 0.2 ms (torch releases the GIL in its
+    kernels); returns (peak live bytes above the level just before, fn's result)."""
+    gc.collect()
+    base = peak = live()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, live())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak, live()) - base, result
+
+
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -80,23 +103,9 @@ def main() -> None:
     big = batch(b, s)
     gc.collect()
     base_rss = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    base = peak = live()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, live())
-            time.sleep(0.0002)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    summed_loss(model, big, "cpu").backward()
-    done.set()
-    thread.join()
-    peak = max(peak, live())
+    step_peak, _ = peak_during(lambda: summed_loss(model, big, "cpu").backward())
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    print(json.dumps({"batch": b, "seq": s, "gc": checkpointing, "step_peak_bytes": peak - base,
+    print(json.dumps({"batch": b, "seq": s, "gc": checkpointing, "step_peak_bytes": step_peak,
                       "rss_growth_bytes": rss_growth}))
 
 
