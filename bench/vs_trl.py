@@ -114,10 +114,11 @@ def worker_bare(model_dir: Path, out: Path, epochs: int, opt: bool = False) -> d
 
     from trainer import attention
     from trainer.batching import Sampler
-    from trainer.data import load_records, tokenize_records
+    from trainer.data import load_records
     from trainer.loop import lr_lambda
     from trainer.loss import install, summed_loss
     from trainer.model import load_tokenizer
+    from trainer.tokenized import tokenize_records
 
     torch.set_num_threads(2)
     tok = load_tokenizer(model_dir)
@@ -157,8 +158,9 @@ def worker_bare(model_dir: Path, out: Path, epochs: int, opt: bool = False) -> d
 def run_qsft(model_dir: Path, out: Path, ranks: int, epochs: int, tmp: Path) -> dict:
     from tests.conftest import launch
     from trainer.batching import Sampler
-    from trainer.data import load_records, tokenize_records
+    from trainer.data import load_records
     from trainer.model import load_tokenizer
+    from trainer.tokenized import tokenize_records
 
     tok = load_tokenizer(model_dir)
     data = tokenize_records(load_records(ASSETS / "q_sft_train.jsonl"), tok, SEQ,
@@ -186,8 +188,9 @@ def eval_loss(final: str) -> float:
     from transformers import AutoModelForCausalLM
 
     from trainer.batching import collate
-    from trainer.data import load_records, tokenize_records
+    from trainer.data import load_records
     from trainer.model import load_tokenizer
+    from trainer.tokenized import tokenize_records
 
     tok = load_tokenizer(ASSETS / "tiny_model")
     data = tokenize_records(load_records(ASSETS / "q_sft_test.jsonl"), tok, SEQ,
@@ -207,8 +210,9 @@ def padded_fraction(epochs: int) -> float:
     (what trl-padded computes on); our tokenisation, a seeded shuffle per epoch."""
     import random
 
-    from trainer.data import load_records, tokenize_records
+    from trainer.data import load_records
     from trainer.model import load_tokenizer
+    from trainer.tokenized import tokenize_records
 
     tok = load_tokenizer(ASSETS / "tiny_model")
     lengths = [len(x) for x in tokenize_records(load_records(ASSETS / "q_sft_train.jsonl"), tok,

@@ -179,9 +179,9 @@ def test_resume_guard_names_each_changed_input(tmp_path):
                                           r"--resume_allow_changes"):
         check_inputs(point, fingerprint(changed, 16), allow=False)
     train = tmp_path / "train.jsonl"
-    train.write_text((cfg.train_path).read_text())
+    train.write_text(cfg.train_paths[0].read_text())
     same_content = _cfg(tmp_path, "--train_file", str(train), "--eval_file",
-                        str(cfg.eval_path))
+                        str(cfg.eval_paths[0]))
     assert check_inputs(point, fingerprint(same_content, 8), allow=False) == []  # moved only
     train.write_text(train.read_text() + train.read_text().splitlines()[0] + "\n")
     diffs = check_inputs(point, fingerprint(same_content, 8), allow=True)  # logged, no error

@@ -18,9 +18,9 @@ from trainer.data import (
     render,
     resolve_prompt_format,
     to_messages,
-    tokenize_records,
 )
 from trainer.model import load_tokenizer
+from trainer.tokenized import tokenize_records
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import launch, qwen_layout_model, sharded_model
 from trainer.config import ConfigError
-from trainer.data import tokenize_records
 from trainer.export import build as build_export
 from trainer.model import load_tokenizer
+from trainer.tokenized import tokenize_records
 
 # Short, distinct answers that a 3.85M-parameter model over-fits in a few hundred steps.
 RECORDS = [

@@ -12,8 +12,9 @@ import torch
 from tests.conftest import REPO, launch, run_env
 from trainer.batching import Sampler
 from trainer.config import ASSETS_DIR
-from trainer.data import encode, load_records, tokenize_records
+from trainer.data import encode, load_records
 from trainer.model import load_tokenizer
+from trainer.tokenized import tokenize_records
 
 pytestmark = pytest.mark.multirank
 PROBE = "tests/scripts/probe.py"

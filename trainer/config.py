@@ -63,17 +63,28 @@ class RunConfig(BaseModel):
 
     model_size: ModelSize = Field(description="picks ds_configs/zero3_<size>.json and defaults")
     base_model: Path | None = Field(None, description="HF model dir; tiny without it = demo model")
-    train_file: Path | None = Field(None, description="JSONL / parquet / saved HF dataset dir")
-    eval_file: Path | None = Field(None, description="held-out data, same formats")
+    train_file: list[Path] | None = Field(
+        None, description="one or more JSONL / parquet files or saved HF dataset dirs")
+    train_weights: list[float] | None = Field(
+        None, description="one weight per --train_file: each file's share of an epoch (default: "
+        "its size, i.e. every example once per epoch)")
+    eval_file: list[Path] | None = Field(None, description="held-out data, one or more files "
+                                         "(reported per file and pooled)")
     output_dir: Path = Field(description="where config.yaml, logs/ and checkpoints/ go")
     experiment_name: str = Field("q-sft", min_length=1, description="wandb run name prefix")
     learning_rate: float = Field(gt=0, le=1, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
-    max_steps: int = Field(gt=0, description="optimizer steps to train")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps to train (or "
+                                  "--num_epochs)")
+    num_epochs: float | None = Field(None, gt=0, description="train this many passes over the "
+                                     "data instead of --max_steps; the steps are printed")
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup; default 3% of steps")
     save_every_n_steps: int = Field(ge=0, description="checkpoint interval in optimizer steps; "
                                     "0 = never save (throughput benchmarks only)")
-    eval_steps: int = Field(gt=0, description="eval interval in optimizer steps")
+    eval_steps: int = Field(ge=0, description="eval interval in optimizer steps; 0 = no "
+                            "periodic eval (the last step is still evaluated)")
+    eval_at_start: bool = Field(True, description="evaluate before the first step (the "
+                                "baseline later evals are compared with)")
     logging_steps: int = Field(gt=0, description="log interval in optimizer steps")
     max_seq_length: int = Field(ge=16, le=131072, description="tokens per training sequence")
     overlong: Literal["drop", "truncate"] = Field(
@@ -117,6 +128,13 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="allow a --base_model whose config names "
                                     "custom Python code (auto_map); off: only transformers' "
                                     "own classes")
+    data_cache_dir: Path | None = Field(None, description="where tokenized data is cached "
+                                        "(default OUTPUT_DIR/data_cache); share it between runs "
+                                        "on the same data")
+    num_proc: int | None = Field(None, ge=1, description="processes that tokenize a file not "
+                                 "yet cached (default: the cores of the node)")
+    data_timeout_s: int = Field(10800, gt=0, description="how long ranks wait for the data to "
+                                "be tokenized by their node's first rank")
     ds_config: Path | None = Field(None, description="override ds_configs/zero3_<size>.json")
     dist_timeout_s: int = Field(1800, gt=0, description="collective timeout before a rank fails")
     rank_timeout_s: int = Field(60, gt=0, description="a rank with no heartbeat this long (died, "
@@ -126,12 +144,36 @@ class RunConfig(BaseModel):
     @classmethod
     def _fill_size_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("model_size") in SIZE_DEFAULTS:
-            data = {**SIZE_DEFAULTS[data["model_size"]], **data}
+            defaults = dict(SIZE_DEFAULTS[data["model_size"]])
+            if data.get("num_epochs") is not None:
+                if data.get("max_steps") is not None:
+                    raise ValueError("give --max_steps or --num_epochs, not both")
+                defaults.pop("max_steps")
+            data = {**defaults, **data}
+        for key in ("train_file", "eval_file", "train_weights"):  # one value given as such
+            if isinstance(data, dict) and isinstance(data.get(key), str | Path | float | int):
+                data = {**data, key: [data[key]]}
         return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        if self.warmup_steps is not None and self.warmup_steps >= self.max_steps:
+        if self.max_steps is None and self.num_epochs is None:
+            raise ValueError("--max_steps or --num_epochs is required")
+        if self.train_weights is not None:
+            if self.train_file is None or len(self.train_weights) != len(self.train_file):
+                raise ValueError(f"--train_weights: {len(self.train_weights)} weight(s) for "
+                                 f"{len(self.train_file or [])} --train_file(s); give one per "
+                                 f"file, in the same order")
+            if min(self.train_weights) <= 0:
+                raise ValueError("--train_weights: every weight must be above 0 (leave a file "
+                                 "out instead)")
+        for flag in ("train_file", "eval_file"):
+            paths = getattr(self, flag) or []
+            if len(set(paths)) < len(paths):
+                raise ValueError(f"--{flag}: {next(p for p in paths if paths.count(p) > 1)} "
+                                 f"is given twice (use --train_weights to weight a file)")
+        if (self.warmup_steps is not None and self.max_steps is not None
+                and self.warmup_steps >= self.max_steps):
             raise ValueError(f"--warmup_steps {self.warmup_steps} must be below --max_steps "
                              f"{self.max_steps}")
         if self.model_size != "tiny" and self.base_model is None:
@@ -166,14 +208,18 @@ class RunConfig(BaseModel):
         return self.base_model or ASSETS_DIR / "tiny_model"
 
     @property
-    def train_path(self) -> Path:
-        return self.train_file or ASSETS_DIR / "q_sft_train.jsonl"
+    def train_paths(self) -> list[Path]:
+        return list(self.train_file or [ASSETS_DIR / "q_sft_train.jsonl"])
 
     @property
-    def eval_path(self) -> Path | None:
+    def eval_paths(self) -> list[Path]:
         if self.eval_file is not None:
-            return self.eval_file
-        return ASSETS_DIR / "q_sft_test.jsonl" if self.train_file is None else None
+            return list(self.eval_file)
+        return [ASSETS_DIR / "q_sft_test.jsonl"] if self.train_file is None else []
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_cache_dir or Path(self.output_dir) / "data_cache"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in RunConfig.model_fields.items():
         flag = f"--{name}"
         if name in ("bf16", "packing", "gradient_checkpointing", "wandb", "overwrite",
-                    "keep_best", "load_check", "resume_allow_changes", "trust_remote_code"):
+                    "keep_best", "load_check", "resume_allow_changes", "trust_remote_code",
+                    "eval_at_start"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=_help(field))
+        elif name in ("train_file", "eval_file", "train_weights"):
+            p.add_argument(flag, nargs="+", help=_help(field))
         elif name == "save_every_n_steps":
             p.add_argument(flag, "--save_steps", dest=name, help=_help(field))
         else:

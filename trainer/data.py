@@ -17,7 +17,8 @@ line) before the model loads.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ class Records(list):
 
     def __init__(self, rows: list[dict[str, Any]], path: Path, lines: list[int] | None = None):
         super().__init__(rows)
-        self.path, self._lines = Path(path), lines
+        self.path, self._lines = Path(path), lines  # JSONL: the line of each record
 
     def where(self, i: int) -> str:
         """'FILE:line N' (JSONL, 1-based like an editor) or 'FILE:row N' (0-based like ds[i])."""
@@ -53,26 +54,46 @@ class Records(list):
 
 
 def load_records(path: Path) -> Records:
-    """Load and validate records from a JSONL file, a parquet file or a saved HF dataset dir."""
+    """Load and validate every record of a JSONL file, a parquet file or a saved HF dataset dir.
+
+    In memory: for the data tools and small sets. The trainer streams (see iter_records).
+    """
+    rows, places = [], []
+    for place, rec in iter_records(path):
+        rows.append(rec)
+        places.append(place)
+    path = Path(path)
+    return Records(rows, path, places if _kind(path) == "jsonl" else None)
+
+
+def _kind(path: Path) -> str:
+    return "dir" if path.is_dir() else "parquet" if path.suffix == ".parquet" else "jsonl"
+
+
+def where(path: Path, place: int) -> str:
+    """'FILE:line N' for JSONL (1-based, as an editor), 'FILE:row N' otherwise (0-based)."""
+    return f"{path}:{'line' if _kind(Path(path)) == 'jsonl' else 'row'} {place}"
+
+
+def iter_records(path: Path, batch_rows: int = 4096) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or row, record) for each validated record, streamed: memory does not grow with
+    the file. Raises DataError naming the file and line (or row) of the first bad record."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    if path.is_dir():
-        records = Records(_load_dataset_dir(path), path)
-    elif path.suffix == ".parquet":
-        records = Records(_load_parquet(path), path)
-    else:
-        rows, lines = _load_jsonl(path)
-        records = Records(rows, path, lines)
-    if not records:
+    kind = _kind(path)
+    rows = (_iter_jsonl(path) if kind == "jsonl" else _iter_parquet(path, batch_rows)
+            if kind == "parquet" else _iter_dataset_dir(path, batch_rows))
+    n = 0
+    for place, rec in rows:
+        validate_record(rec, where(path, place))
+        n += 1
+        yield place, rec
+    if not n:
         raise DataError(f"{path}: no records")
-    for i, rec in enumerate(records):
-        validate_record(rec, records.where(i))
-    return records
 
 
-def _load_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    rows, lines = [], []
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -87,9 +108,7 @@ def _load_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
                 raise DataError(f"{path}:line {lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:line {lineno}: expected a JSON object")
-            rows.append(rec)
-            lines.append(lineno)
-    return rows, lines
+            yield lineno, rec
 
 
 def read_parquet_table(path: Path) -> Any:
@@ -102,18 +121,32 @@ def read_parquet_table(path: Path) -> Any:
         raise DataError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
 
 
-def _load_parquet(path: Path) -> list[dict[str, Any]]:
-    table = read_parquet_table(path)
-    names = table.schema.names
+def _iter_parquet(path: Path, batch_rows: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
     # A missing column is one message about the file, not one per row.
     if "messages" not in names and not {"prompt", "completion"} <= set(names):
         need = [c for c in ("prompt", "completion") if c not in names]
         raise DataError(f"{path}: missing column(s) {', '.join(map(repr, need))} (or "
                         f"'messages'); has {', '.join(names) or 'none'}")
-    return table.to_pylist()
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            for rec in batch.to_pylist():
+                yield row, rec
+                row += 1
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged row group
+        raise DataError(f"{path}:row {row}: not readable ({type(e).__name__})") from None
 
 
-def _load_dataset_dir(path: Path) -> list[dict[str, Any]]:
+def _iter_dataset_dir(path: Path, batch_rows: int) -> Iterator[tuple[int, dict[str, Any]]]:
     import datasets
 
     try:
@@ -131,7 +164,12 @@ def _load_dataset_dir(path: Path) -> list[dict[str, Any]]:
         if "train" not in ds:
             raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
         ds = ds["train"]
-    return ds.to_list()
+    row = 0
+    for batch in ds.iter(batch_size=batch_rows):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys), strict=True):
+            yield row, dict(zip(keys, values, strict=True))
+            row += 1
 
 
 def validate_record(rec: dict[str, Any], where: str) -> None:
@@ -239,20 +277,28 @@ def encode_raw(prompt: str, completion: str, tokenizer: Any) -> Encoded:
     sees, in training, a prompt ending that inference never produces; we count those records
     (`boundary_merged`) and say so at start, where TRL warns once.
     """
+    text = raw_text(prompt, completion, tokenizer)
+    return raw_encoded(list(tokenizer(prompt)["input_ids"]), list(tokenizer(text)["input_ids"]),
+                       tokenizer.eos_token_id)
+
+
+def raw_text(prompt: str, completion: str, tokenizer: Any) -> str:
     eos = tokenizer.eos_token
     if not eos:
         raise DataError("the tokenizer has no EOS token, which --prompt_format raw appends to "
                         "every completion; use --prompt_format chat or set eos_token")
-    text = prompt + (completion if completion.endswith(eos) else completion + eos)
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
-    ids = list(tokenizer(text)["input_ids"])
+    return prompt + (completion if completion.endswith(eos) else completion + eos)
+
+
+def raw_encoded(prompt_ids: list[int], ids: list[int], eos_id: int | None) -> Encoded:
+    """Labels from the token ids of the prompt alone and of the whole text (see encode_raw)."""
     n = 0
     for a, b in zip(prompt_ids, ids, strict=False):
         if a != b:
             break
         n += 1
     labels = [IGNORE_INDEX] * n + ids[n:]
-    ends = [ids[-1]] if ids and ids[-1] == tokenizer.eos_token_id else []
+    ends = [ids[-1]] if ids and ids[-1] == eos_id else []
     return Encoded(ids, labels, ends, boundary_merged=n < len(prompt_ids))
 
 
@@ -309,8 +355,13 @@ def encode_chat(messages: list[dict[str, str]], tokenizer: Any) -> Encoded:
     """
     text, spans = render(messages, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    special = special_token_ids(tokenizer)
+    return chat_encoded(text, spans, list(enc["input_ids"]), enc["offset_mapping"],
+                        special_token_ids(tokenizer))
+
+
+def chat_encoded(text: str, spans: list[tuple[int, int]], ids: list[int],
+                 offsets: list[tuple[int, int]], special: set[int]) -> Encoded:
+    """Labels of a rendered conversation from its tokens' character offsets (see encode_chat)."""
     labels = [IGNORE_INDEX] * len(ids)
     ends = []
     for a, b in spans:
@@ -330,71 +381,42 @@ def encode_chat(messages: list[dict[str, str]], tokenizer: Any) -> Encoded:
     return Encoded(ids, labels, ends)
 
 
-def tokenize_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Chat-format token ids and labels of a conversation (see encode_chat)."""
-    enc = encode_chat(messages, tokenizer)
-    return enc.input_ids, enc.labels
+class RecordError(DataError):
+    """A DataError about record `index` of a batch (the caller names its file and line)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
 
 
-@dataclass
-class TokenizedSet:
-    """Tokenized examples plus what was dropped or cut to fit max_seq_length."""
-
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    ids: list[int]  # index of each kept example in the source file
-    prompt_format: str = "raw"
-    dropped: int = 0
-    truncated: int = 0
-    boundary_merged: int = 0
-    end_tokens: dict[int, int] = field(default_factory=dict)  # end token id -> answers it ends
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def label_tokens(self, i: int) -> int:
-        # The first position is never a target: the model shifts labels left by one.
-        return sum(1 for x in self.labels[i][1:] if x != IGNORE_INDEX)
-
-
-def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, max_seq_length: int,
-                     overlong: str = "drop", source: str = "data",
-                     prompt_format: str = "auto") -> TokenizedSet:
-    """Tokenize and mask every record; drop or truncate those over max_seq_length.
-
-    `auto` resolves on these records (the trainer resolves it on the training set and passes
-    the result for both sets). A truncated example keeps its prompt and the start of its
-    answer, without the end token.
-    """
-    prompt_format = resolve_prompt_format(prompt_format, records)
-    out = TokenizedSet([], [], [], prompt_format=prompt_format)
-    where = records.where if isinstance(records, Records) else (lambda i: f"{source}: record {i}")
-    for i, rec in enumerate(records):
-        try:
-            enc = encode(rec, tokenizer, prompt_format)
-        except DataError as e:
-            raise DataError(f"{where(i)}: {e}") from None
-        ids, labels = enc.input_ids, enc.labels
-        if len(ids) > max_seq_length:
-            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            if overlong == "drop" or all(x == IGNORE_INDEX for x in labels[1:]):
-                out.dropped += 1
-                continue
-            out.truncated += 1
-        else:
-            for t in enc.end_tokens:
-                out.end_tokens[t] = out.end_tokens.get(t, 0) + 1
-        out.boundary_merged += enc.boundary_merged
-        out.input_ids.append(ids)
-        out.labels.append(labels)
-        out.ids.append(i)
-    if not out.input_ids:
-        raise DataError(f"{source}: every example is longer than --max_seq_length "
-                        f"{max_seq_length}; raise it or use --overlong truncate")
-    out.stats = dict(records=len(records), examples=len(out), dropped=out.dropped,
-                     truncated=out.truncated, tokens=sum(map(len, out.input_ids)),
-                     label_tokens=sum(out.label_tokens(i) for i in range(len(out))))
+def encode_batch(recs: list[dict[str, Any]], tokenizer: Any, prompt_format: str
+                 ) -> list[Encoded]:
+    """encode() of each record, with one batched tokenizer call per kind of text (the fast
+    tokenizers run a batch in Rust, without a Python round trip per text). Same results as
+    encode() record by record; raises RecordError naming the record that failed."""
     if prompt_format == "raw":
-        out.stats["boundary_merged"] = out.boundary_merged
+        for i, rec in enumerate(recs):
+            if is_messages(rec):
+                raise RecordError(i, "a 'messages' record needs --prompt_format chat (raw "
+                                  "format is for prompt/completion records)")
+        texts = [raw_text(r["prompt"], r["completion"], tokenizer) for r in recs]
+        prompts = tokenizer([r["prompt"] for r in recs])["input_ids"]
+        full = tokenizer(texts)["input_ids"]
+        return [raw_encoded(list(a), list(b), tokenizer.eos_token_id)
+                for a, b in zip(prompts, full, strict=True)]
+    rendered = []
+    for i, rec in enumerate(recs):
+        try:
+            rendered.append(render(to_messages(rec), tokenizer))
+        except DataError as e:
+            raise RecordError(i, str(e)) from None
+    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False,
+                    return_offsets_mapping=True)
+    special, out = special_token_ids(tokenizer), []
+    for i, ((text, spans), ids, offsets) in enumerate(
+            zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True)):
+        try:
+            out.append(chat_encoded(text, spans, list(ids), offsets, special))
+        except DataError as e:
+            raise RecordError(i, str(e)) from None
     return out

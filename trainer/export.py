@@ -28,7 +28,7 @@ from typing import Any
 
 from trainer.config import ConfigError
 from trainer.consolidate import FORMAT_FILE
-from trainer.data import TokenizedSet
+from trainer.tokenized import TokenizedSet
 
 
 @dataclass

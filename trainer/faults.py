@@ -157,11 +157,16 @@ def content_hash(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(cfg: Any, global_batch: int) -> dict[str, Any]:
-    """The inputs that decide which examples each step trains on and its learning rate."""
+def fingerprint(cfg: Any, global_batch: int, train_hash: str | None = None) -> dict[str, Any]:
+    """The inputs that decide which examples each step trains on and its learning rate.
+
+    train_hash: content_hash(cfg.train_paths) when the caller has it already.
+    """
     model_dir = Path(cfg.model_dir)
     # Contents, not paths: the same data moved elsewhere is the same stream.
-    return {"train_data": f"sha256:{content_hash([cfg.train_path])}",
+    extra = {"train_weights": cfg.train_weights} if cfg.train_weights else {}
+    return {**extra,
+            "train_data": f"sha256:{train_hash or content_hash(cfg.train_paths)}",
             "tokenizer": f"sha256:{content_hash([model_dir / f for f in TOKENIZER_FILES])}",
             "seed": cfg.seed, "max_seq_length": cfg.max_seq_length, "packing": cfg.packing,
             "overlong": cfg.overlong, "global_batch": global_batch, "max_steps": cfg.max_steps,

@@ -13,17 +13,21 @@ from typing import Any
 
 import torch
 
-from trainer import attention, checkpoint, dist, faults, preflight, versions, watchdog, weights
+from trainer import (
+    attention,
+    checkpoint,
+    dist,
+    faults,
+    preflight,
+    rundata,
+    versions,
+    watchdog,
+    weights,
+)
 from trainer.batching import Sampler, eval_batches
 from trainer.config import ConfigError, RunConfig, resolve_ds_config
 from trainer.consolidate import BackgroundConsolidator, NullConsolidator
-from trainer.data import (
-    DataError,
-    TokenizedSet,
-    load_records,
-    resolve_prompt_format,
-    tokenize_records,
-)
+from trainer.data import DataError
 from trainer.export import Export
 from trainer.export import build as build_export
 from trainer.export import describe as describe_export
@@ -31,6 +35,7 @@ from trainer.flops import device_peak_flops, flops_per_token
 from trainer.loss import chunk_rows_for, summed_loss
 from trainer.metrics import MetricsSink, NullSink
 from trainer.model import build_model, count_parameters, has_weights, load_tokenizer
+from trainer.tokenized import TokenizedSet
 
 ATTENTION_WHAT = {"varlen": "torch varlen_attn, one kernel per layer over the packed examples",
                   "flash": "flash-attn varlen, one kernel per layer over the packed examples",
@@ -55,45 +60,6 @@ def lr_lambda(warmup_steps: int, max_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[TokenizedSet, TokenizedSet | None]:
-    """Load, validate and tokenize train and eval data (raises DataError before any model).
-
-    The prompt format is decided by the training data (--prompt_format auto) and applies to
-    the eval data too; so does --overlong.
-    """
-    records = load_records(cfg.train_path)
-    fmt = resolve_prompt_format(cfg.prompt_format, records)
-    train = tokenize_records(records, tokenizer, cfg.max_seq_length, cfg.overlong,
-                             source=str(cfg.train_path), prompt_format=fmt)
-    evals = None
-    if cfg.eval_path is not None:
-        evals = tokenize_records(load_records(cfg.eval_path), tokenizer, cfg.max_seq_length,
-                                 cfg.overlong, source=str(cfg.eval_path), prompt_format=fmt)
-    return train, evals
-
-
-def describe_data(name: str, path: Path, data: TokenizedSet, cfg: RunConfig) -> list[str]:
-    """Start-message lines for one data set: what was kept, dropped, cut; boundary merges."""
-    st = data.stats
-    lines = [f"{name} {path}: {st['records']} records -> {st['examples']} examples, "
-             f"{st['tokens']} tokens ({st['label_tokens']} trained)"]
-    if st["dropped"] or st["truncated"]:
-        what = (f"{st['dropped']} dropped" if cfg.overlong == "drop"
-                else f"{st['truncated']} cut to {cfg.max_seq_length} tokens"
-                + (f", {st['dropped']} dropped (nothing left to train)" if st["dropped"] else ""))
-        lines.append(f"{name}: {st['dropped'] + st['truncated']} of {st['records']} records are "
-                     f"longer than --max_seq_length {cfg.max_seq_length}: {what} "
-                     f"(--overlong {cfg.overlong})"
-                     + ("; the eval loss leaves them out" if name == "eval" and st["dropped"]
-                        else ""))
-    if st.get("boundary_merged"):
-        lines.append(f"warning: {name}: in {st['boundary_merged']} of {st['examples']} records "
-                     f"the prompt's last token merges with the completion's first (raw format, "
-                     f"as TRL's SFTTrainer): the model trains on a prompt ending that inference "
-                     f"never produces; end the prompts on a token boundary, e.g. a newline")
-    return lines
 
 
 def train_dtype(ds_config: dict[str, Any]) -> torch.dtype:
@@ -129,7 +95,7 @@ class Run:
     tokenizer: Any
     export: Export  # what each checkpoint's hf/ holds besides the weights
     train_set: TokenizedSet
-    eval_set: TokenizedSet | None
+    eval_sets: list[TokenizedSet]
     sampler: Sampler
     state: checkpoint.TrainerState
     sink: NullSink
@@ -182,11 +148,33 @@ def setup(cfg: RunConfig) -> Run:
         tokenizer = load_tokenizer(cfg.model_dir, cfg.trust_remote_code)
         # Names and shapes of the base weights against config.json, from the file headers.
         weight_index = weights.check_files(cfg.model_dir) if has_weights(cfg.model_dir) else {}
-        train_set, eval_set = prepare_data(cfg, tokenizer)
+    except (ConfigError, DataError) as e:
+        local_error = e
+    except OSError as e:  # e.g. a permission error on one node's copy of a path
+        local_error = ConfigError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+    dist.init(cfg.dist_timeout_s)
+    preflight.gather_errors(local_error)
+    preflight.check_output_dir(cfg.output_dir)
+    # Tokenized once per node (or once, on a shared cache) and memory-mapped by every rank;
+    # bad data is a DataError on every rank.
+    data = rundata.load(cfg, tokenizer)
+    train_set, eval_sets = data.train, data.evals
+    local_error = None
+    try:
+        sampler = Sampler(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, world,
+                          dist.rank(), cfg.seed, tokenizer.pad_token_id,
+                          pack_to=cfg.max_seq_length if cfg.packing else None)
+        if cfg.num_epochs is not None:
+            steps = rundata.steps_for_epochs(cfg.num_epochs, len(sampler.units(0)),
+                                             sampler.global_batch)
+            if cfg.warmup_steps is not None and cfg.warmup_steps >= steps:
+                raise ConfigError(f"--warmup_steps {cfg.warmup_steps} must be below the "
+                                  f"{steps} steps of --num_epochs {cfg.num_epochs:g}")
+            cfg = cfg.model_copy(update=dict(max_steps=steps))
         export = build_export(cfg.model_dir, tokenizer, train_set, cfg.prompt_format)
         resume_from = checkpoint.find_resume_point(cfg)
         fingerprint = faults.fingerprint(
-            cfg, cfg.batch_size * cfg.gradient_accumulation_steps * world)
+            cfg, cfg.batch_size * cfg.gradient_accumulation_steps * world, data.train_hash)
         changes: list[str] = []
         if resume_from is not None:
             checkpoint.check_format(resume_from, export.info, cfg.prompt_format)
@@ -195,11 +183,9 @@ def setup(cfg: RunConfig) -> Run:
             cfg, dtype, resume_from.marker.get("step") if resume_from else None)
     except (ConfigError, DataError) as e:
         local_error = e
-    except OSError as e:  # e.g. a permission error on one node's copy of a path
+    except OSError as e:
         local_error = ConfigError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
-    dist.init(cfg.dist_timeout_s)
     preflight.gather_errors(local_error)
-    preflight.check_output_dir(cfg.output_dir)
     preflight.agree("resume point", str(resume_from.tag_dir) if resume_from else "none (start)")
     # A node with another copy of the base model (or none: it would start from random weights)
     # would build a different model and hang or corrupt the first collective.
@@ -213,9 +199,6 @@ def setup(cfg: RunConfig) -> Run:
 
     if cfg.resume == "none" and cfg.overwrite:
         checkpoint.clear_previous_run(cfg.output_dir)
-    sampler = Sampler(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, world,
-                      dist.rank(), cfg.seed, tokenizer.pad_token_id,
-                      pack_to=cfg.max_seq_length if cfg.packing else None)
     t_load = time.perf_counter()
     model, hf_ds_config = build_model(cfg.model_dir, ds_config, dtype,
                                       cfg.gradient_checkpointing, cfg.seed, attention_impl,
@@ -248,15 +231,19 @@ def setup(cfg: RunConfig) -> Run:
         kernels = dict(attention=attention_impl, loss=cfg.loss,
                        loss_chunk_rows=chunk_rows_for(model.config.vocab_size))
         write_run_config(cfg, ds_config_file, world, num_params, export.info,
-                         train_set, eval_set, kernels)
+                         rundata.config_section(data, cfg, sampler), kernels)
         how = (f"{kernels['loss_chunk_rows']} target tokens per vocabulary chunk"
                if cfg.loss == "chunked" else "all target logits at once")
         sink.message(f"attention {attention_impl} ({ATTENTION_WHAT[attention_impl]}), "
                      f"loss {cfg.loss} ({how})")
-        sink.eval_data = eval_set.stats if eval_set is not None else None
+        sink.eval_data = pooled_stats(eval_sets)
         sink.message(f"model {cfg.model_dir} ({num_params / 1e6:.2f}M params, {dtype}), world "
                      f"{world}, global batch {sampler.global_batch}, "
                      f"{sampler.steps_per_epoch:.1f} steps/epoch")
+        if cfg.num_epochs is not None:
+            sink.message(f"--num_epochs {cfg.num_epochs:g}: {len(sampler.units(0))} "
+                         f"{'packed sequences' if cfg.packing else 'examples'} per epoch / "
+                         f"global batch {sampler.global_batch} -> {cfg.max_steps} steps")
         if weight_index and resume_from is not None:
             sink.message(f"base weights loaded in {t_load:.1f}s, not compared with the files: "
                          f"resuming replaces them with {resume_from.tag_dir.name}")
@@ -268,8 +255,7 @@ def setup(cfg: RunConfig) -> Run:
                          + (f", {load_check.skipped} on NVMe not checked"
                             if load_check.skipped else "") + ")")
         sink.message(describe_export(export.info))
-        for line in describe_data("train", cfg.train_path, train_set, cfg) + (
-                describe_data("eval", cfg.eval_path, eval_set, cfg) if eval_set else []):
+        for line in rundata.describe_all(data, cfg, sampler):
             sink.message(line)
         if resume_from is not None:
             for tag in resume_from.skipped:
@@ -294,9 +280,9 @@ def setup(cfg: RunConfig) -> Run:
                 sink.message(f"{tag_dir.name} was never consolidated (the job stopped first): "
                              f"consolidating it now")
                 consolidator.start(tag_dir)
-    probe_set = eval_set or train_set
+    probe_set = eval_sets[0] if eval_sets else train_set
     probe_ids = torch.tensor([probe_set.input_ids[0][:64]])
-    run = Run(cfg, engine, scheduler, tokenizer, export, train_set, eval_set, sampler, state,
+    run = Run(cfg, engine, scheduler, tokenizer, export, train_set, eval_sets, sampler, state,
               sink, num_params, world, wall0, probe_ids, consolidator, hf_ds_config,
               fingerprint=fingerprint, train_dtype=dtype)
     run.flops_per_token = flops_per_token(
@@ -330,7 +316,7 @@ def fit(run: Run) -> None:
     cfg, engine, state, sink = run.cfg, run.engine, run.state, run.sink
     accum = cfg.gradient_accumulation_steps
     stop = StopRequest(Path(cfg.output_dir) / "STOP")
-    if run.eval_set is not None and state.step == 0 and not state.eval_history:
+    if run.eval_sets and state.step == 0 and not state.eval_history and cfg.eval_at_start:
         run_eval(run)  # the step-0 baseline that later evals are compared with
     window = new_window()
     while state.step < cfg.max_steps:
@@ -378,8 +364,8 @@ def fit(run: Run) -> None:
             log_window(run, window, grad_norm)
             window = new_window()
         paused = time.perf_counter()  # eval and saves do not count as training time
-        if run.eval_set is not None and (state.step % cfg.eval_steps == 0
-                                         or state.step == cfg.max_steps):
+        if run.eval_sets and ((cfg.eval_steps and state.step % cfg.eval_steps == 0)
+                              or state.step == cfg.max_steps):
             run_eval(run)
         if saving:
             save(run)
@@ -509,9 +495,16 @@ class StopRequest:
 
 
 def run_eval(run: Run) -> None:
-    loss = evaluate(run.engine, run.eval_set, run.cfg.batch_size, run.tokenizer.pad_token_id)
+    """Every eval file (each a collective), reported per file and pooled over their tokens."""
+    sums = [evaluate(run.engine, data, run.cfg.batch_size, run.tokenizer.pad_token_id)
+            for data in run.eval_sets]
+    loss = sum(t for t, _ in sums) / max(1, sum(n for _, n in sums))
     history = run.state.eval_history
     record = dict(step=run.state.step, eval_loss=loss, perplexity=math.exp(min(loss, 50.0)))
+    if len(sums) > 1:
+        record["eval_loss_by_file"] = {
+            Path(data.source).name: t / max(n, 1)
+            for data, (t, n) in zip(run.eval_sets, sums, strict=True)}
     best = faults.diverging(loss, history, run.cfg.divergence_factor)
     if best is not None:
         record["diverged"] = True
@@ -544,7 +537,7 @@ def finish(run: Run) -> dict[str, Any]:
                    tokens_seen=state.tokens_seen,
                    best_checkpoint=str(best_model) if best_model and (
                        best_model.is_dir() or best_model == consolidated) else None,
-                   eval_data=run.eval_set.stats if run.eval_set is not None else None)
+                   eval_data=pooled_stats(run.eval_sets))
     if torch.cuda.is_available():
         summary["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     run.sink.write_summary(summary)
@@ -554,8 +547,9 @@ def finish(run: Run) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, data: TokenizedSet, batch: int, pad_id: int) -> float:
-    """Mean target-token loss over the eval set, all ranks together (forward is a collective)."""
+def evaluate(engine: Any, data: TokenizedSet, batch: int, pad_id: int) -> tuple[float, int]:
+    """Summed target-token loss over an eval set and its target tokens, all ranks together
+    (forward is a collective)."""
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     count = 0
@@ -566,17 +560,22 @@ def evaluate(engine: Any, data: TokenizedSet, batch: int, pad_id: int) -> float:
             count += int((mb["labels"][:, 1:] != -100).sum())
     engine.train()
     total, n = dist.all_reduce_sum([float(loss_sum), count])
-    return total / max(n, 1)
+    return total, int(n)
+
+
+def pooled_stats(sets: list[TokenizedSet]) -> dict[str, Any] | None:
+    """The eval files' counts added up (kept, dropped, cut), for the summary."""
+    if not sets:
+        return None
+    return {k: sum(s.stats[k] for s in sets) for k in sets[0].stats}
 
 
 def write_run_config(cfg: RunConfig, ds_config: dict[str, Any], world: int, num_params: int,
-                     data_format: dict[str, Any], train: TokenizedSet,
-                     evals: TokenizedSet | None, kernels: dict[str, Any]) -> None:
+                     data_format: dict[str, Any], data_section: dict[str, Any],
+                     kernels: dict[str, Any]) -> None:
     import yaml
 
-    data = dict(data_format, train=dict(path=str(cfg.train_path), **train.stats))
-    if evals is not None:
-        data["eval"] = dict(path=str(cfg.eval_path), **evals.stats)
+    data = dict(data_format, **data_section)
     resolved = dict(run=cfg.model_dump(mode="json"), deepspeed=ds_config, world_size=world,
                     num_parameters=num_params, warmup_steps=cfg.resolved_warmup_steps,
                     data=data, kernels=kernels, versions=versions())

@@ -77,10 +77,14 @@ class MetricsSink(NullSink):
         os.replace(tmp, self.logs / "eval_results.json")
         self.message(f"eval step {last['step']}: loss {last['eval_loss']:.4f} perplexity "
                      f"{last['perplexity']:.2f} (best {best['eval_loss']:.4f} at step "
-                     f"{best['step']})")
+                     f"{best['step']})" + "".join(
+                         f"; {name} {loss:.4f}"
+                         for name, loss in last.get("eval_loss_by_file", {}).items()))
         if self.wandb:
+            per_file = {f"eval/loss/{name}": loss
+                        for name, loss in last.get("eval_loss_by_file", {}).items()}
             self.wandb.log({"eval/loss": last["eval_loss"], "eval/perplexity":
-                            last["perplexity"]}, step=last["step"])
+                            last["perplexity"], **per_file}, step=last["step"])
 
     def message(self, text: str) -> None:
         self.bar.write(text)

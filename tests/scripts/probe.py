@@ -40,7 +40,7 @@ def main() -> None:
     else:
         fit(run)
         finish(run)
-        data = run.eval_set
+        data = run.eval_sets[0]
         batch = collate(data.input_ids[:4], data.labels[:4], run.tokenizer.pad_token_id)
         engine.eval()
         with torch.no_grad():

@@ -1,0 +1,371 @@
+"""Tokenize once: an on-disk Arrow cache of each data file, built by one rank, mapped by all.
+
+Each file is tokenized into its own cache entry, `<cache dir>/<key>/`, whose key hashes
+everything the tokens depend on: the file's bytes, the tokenizer (its files and chat template),
+the prompt format (for `auto`: the training files too, which decide it), --max_seq_length,
+--overlong and CACHE_VERSION. An entry is built with `datasets` (records streamed into an
+Arrow file, then `Dataset.map(batched=True, num_proc=N)`) in a temporary directory renamed into
+place when complete; its manifest lists every file with its size and sha256, and an entry whose
+files do not match is removed and rebuilt, never read. Later launches on the same inputs only
+check and memory-map it (trainer.tokenized).
+
+Who builds: one rank per node (local rank 0) while the node's other ranks wait in a barrier of
+their own, with --data_timeout_s (tokenizing a large set takes longer than the collective
+timeout); when every node sees the same cache directory (a shared filesystem, checked with a
+probe file), global rank 0 alone. The builder's outcome (the entries, or the one-line error)
+then reaches every rank, so bad data stops the whole job with one message, exit 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer import dist, faults
+from trainer.data import DataError, RecordError, is_messages, iter_records, where
+from trainer.tokenized import TokenizedSet, count_end_tokens, from_chunks, tokenize_columns
+
+CACHE_VERSION = 1  # bump when tokenize_columns' output for the same inputs changes
+MANIFEST = "manifest.json"
+BATCH = 1000  # records per map batch and per Arrow record batch
+MIN_RECORDS_PER_PROC = 2000  # fewer per process, and starting processes costs more than it saves
+
+
+@dataclass
+class Entry:
+    """One cached file: where its entry is and whether this launch built it."""
+
+    path: str  # the data file
+    dir: str  # its cache entry
+    built: bool
+    seconds: float
+    prompt_format: str
+
+
+def default_num_proc() -> int:
+    """The cores this process may use: while the builder tokenizes, the node's other ranks
+    wait, so the whole node is its own."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def tokenizer_hash(tokenizer: Any, model_dir: Path) -> str:
+    h = hashlib.sha256(faults.content_hash([Path(model_dir) / f for f in faults.TOKENIZER_FILES])
+                       .encode())
+    for part in (type(tokenizer).__name__, tokenizer.eos_token,
+                 getattr(tokenizer, "chat_template", None)):
+        h.update(b"\0" + str(part).encode())
+    return h.hexdigest()[:16]
+
+
+def entry_key(file_hash: str, tok_hash: str, fmt_key: str, max_seq_length: int,
+              overlong: str) -> str:
+    text = json.dumps([CACHE_VERSION, file_hash, tok_hash, fmt_key, max_seq_length, overlong])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building one entry
+
+
+def _records_arrow(path: Path, dest: Path) -> tuple[int, bool]:
+    """Stream the validated records of `path` into an Arrow file of the columns the tokenizer
+    needs; returns (records, whether any is a messages record)."""
+    import pyarrow as pa
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema([("prompt", pa.string()), ("completion", pa.string()),
+                        ("messages", pa.list_(message)), ("place", pa.int64()),
+                        ("record", pa.int64())])
+    n, has_messages, rows = 0, False, []
+
+    def flush(writer: Any) -> None:
+        writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
+        rows.clear()
+
+    with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for place, rec in iter_records(path):
+            msgs = None
+            if is_messages(rec):
+                has_messages = True
+                msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+            rows.append(dict(prompt=rec.get("prompt"), completion=rec.get("completion"),
+                             messages=msgs, place=place, record=n))
+            n += 1
+            if len(rows) == BATCH:
+                flush(writer)
+        if rows:
+            flush(writer)
+    return n, has_messages
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, prompt_format: str,
+                    max_seq_length: int, overlong: str, path: str) -> dict[str, list]:
+    recs = [{"messages": m} if m is not None else {"prompt": p, "completion": c}
+            for p, c, m in zip(batch["prompt"], batch["completion"], batch["messages"],
+                               strict=True)]
+    try:
+        return tokenize_columns(recs, batch["record"], tokenizer, prompt_format,
+                                max_seq_length, overlong)
+    except RecordError as e:
+        raise DataError(f"{where(Path(path), batch['place'][e.index])}: {e}") from None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
+                max_seq_length: int, overlong: str, num_proc: int, inputs: dict[str, Any]
+                ) -> None:
+    """Tokenize `path` into the cache entry `entry` (absent before, complete after)."""
+    import datasets
+
+    tmp = entry.parent / f".tmp-{entry.name}-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        n, _ = _records_arrow(path, tmp / "records.arrow")
+        procs = max(1, min(num_proc, n // MIN_RECORDS_PER_PROC))
+        features = datasets.Features(
+            input_ids=datasets.Sequence(datasets.Value("int32")),
+            labels=datasets.Sequence(datasets.Value("int32")), state=datasets.Value("int8"),
+            n_labels=datasets.Value("int32"), merged=datasets.Value("int8"),
+            end_tokens=datasets.Sequence(datasets.Value("int32")),
+            record=datasets.Value("int64"))
+        records = datasets.Dataset.from_file(str(tmp / "records.arrow"))
+        # Forked workers with the Rust tokenizer's own thread pool would deadlock-guard and warn;
+        # with several processes the parallelism is theirs.
+        env = os.environ.get("TOKENIZERS_PARALLELISM")
+        if procs > 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            with _quiet_datasets():
+                out = records.map(
+                    _tokenize_batch, batched=True, batch_size=BATCH, num_proc=procs if procs > 1
+                    else None, remove_columns=records.column_names, features=features,
+                    fn_kwargs=dict(tokenizer=tokenizer, prompt_format=prompt_format,
+                                   max_seq_length=max_seq_length, overlong=overlong,
+                                   path=str(path)),
+                    cache_file_name=str(tmp / "tokens.arrow"), load_from_cache_file=False,
+                    new_fingerprint=entry.name, writer_batch_size=BATCH)
+        finally:
+            if procs > 1:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+                if env is not None:
+                    os.environ["TOKENIZERS_PARALLELISM"] = env
+        files = [Path(f["filename"]).name for f in out.cache_files]
+        del out, records
+        (tmp / "records.arrow").unlink()
+        data = load_entry_files(tmp, files, prompt_format, str(path), max_seq_length)
+        manifest = dict(version=CACHE_VERSION, key=entry.name, inputs=inputs,
+                        prompt_format=prompt_format, processes=procs,
+                        files={f: dict(bytes=(tmp / f).stat().st_size, sha256=_sha256(tmp / f))
+                               for f in files},
+                        end_tokens={str(k): v for k, v in data.end_tokens.items()},
+                        stats=data.stats, built=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        del data
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            tmp.rename(entry)  # atomic: an entry is complete or absent
+        except OSError:  # another builder (another job, a node on the same share) was first
+            if not entry.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No per-file progress bars from `datasets` (the trainer prints one line per file)."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking an entry
+
+
+def check_entry(entry: Path, key: str) -> str | None:
+    """None when the entry is complete and intact, else why not (it is then rebuilt)."""
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest (an interrupted build)"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({type(e).__name__})"
+    if manifest.get("version") != CACHE_VERSION or manifest.get("key") != key:
+        return "written by another version"
+    for name, meta in manifest.get("files", {}).items():
+        f = entry / name
+        if not f.is_file() or f.stat().st_size != meta["bytes"]:
+            return f"{name} is missing or has the wrong size"
+        if _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def load_entry_files(entry: Path, files: list[str], prompt_format: str, source: str,
+                     max_seq_length: int, end_tokens: dict[int, int] | None = None
+                     ) -> TokenizedSet:
+    """Memory-map an entry's Arrow files: token buffers stay in the page cache, shared by the
+    node's ranks; only per-example lengths and counts are copied."""
+    import pyarrow as pa
+
+    ids_chunks, label_chunks, small = [], [], {k: [] for k in ("state", "n_labels", "record",
+                                                                 "merged")}
+    ends: list[list[int]] = []
+    for name in files:
+        table = pa.ipc.open_stream(pa.memory_map(str(entry / name))).read_all()
+        for col, out in (("input_ids", ids_chunks), ("labels", label_chunks)):
+            for chunk in table.column(col).chunks:
+                out.append((chunk.values.to_numpy(zero_copy_only=True),
+                            chunk.offsets.to_numpy(zero_copy_only=True)))
+        for k, parts in small.items():
+            parts.append(table.column(k).to_numpy())
+        if end_tokens is None:
+            ends += table.column("end_tokens").to_pylist()
+    cols = {k: np.concatenate(v) for k, v in small.items()}
+    return from_chunks(ids_chunks, label_chunks, cols["state"], cols["n_labels"], cols["record"],
+                       cols["merged"], count_end_tokens(ends) if end_tokens is None
+                       else end_tokens, prompt_format, source, max_seq_length)
+
+
+def load_entry(entry: Path, source: str, max_seq_length: int) -> TokenizedSet:
+    manifest = json.loads((Path(entry) / MANIFEST).read_text())
+    return load_entry_files(Path(entry), list(manifest["files"]), manifest["prompt_format"],
+                            source, max_seq_length,
+                            {int(k): v for k, v in manifest["end_tokens"].items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's data: every file, built where needed (one rank), then mapped (every rank)
+
+
+def ensure_entries(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Path,
+                   requested_format: str, max_seq_length: int, overlong: str, cache_dir: Path,
+                   num_proc: int, say: Any = print) -> dict[str, Any]:
+    """Check or build the entries of every file (the builder rank). Raises DataError."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer_hash(tokenizer, model_dir)
+    hashes = {str(p): faults.content_hash([p]) for p in [*train, *evals] if Path(p).exists()}
+    for p in [*train, *evals]:
+        if str(p) not in hashes:
+            raise DataError(f"{p}: file not found")
+    fmt_key = requested_format
+    if requested_format == "auto":  # decided by the training files: part of every key
+        fmt_key = "auto:" + ",".join(hashes[str(p)] for p in train)
+    entries: dict[str, Entry] = {}
+    fmt = None if requested_format == "auto" else requested_format
+    for p in [*train, *evals]:
+        key = entry_key(hashes[str(p)], tok, fmt_key, max_seq_length, overlong)
+        entry = cache_dir / key
+        why = check_entry(entry, key) if entry.exists() else "absent"
+        if why is None:
+            got = json.loads((entry / MANIFEST).read_text())["prompt_format"]
+            fmt = fmt or got
+            entries[str(p)] = Entry(str(p), str(entry), False, 0.0, got)
+            continue
+        if why != "absent":
+            say(f"data cache {entry}: {why}; rebuilding it")
+            shutil.rmtree(entry, ignore_errors=True)
+        if fmt is None:  # auto, and nothing cached yet: any messages record in training data
+            fmt = "chat" if any(_has_messages(t) for t in train) else "raw"
+        t0 = time.perf_counter()
+        inputs = dict(file=str(p), file_sha256=hashes[str(p)], tokenizer=tok,
+                      prompt_format=fmt_key, max_seq_length=max_seq_length, overlong=overlong)
+        build_entry(Path(p), entry, tokenizer, fmt, max_seq_length, overlong, num_proc, inputs)
+        entries[str(p)] = Entry(str(p), str(entry), True, time.perf_counter() - t0, fmt)
+    return dict(entries={k: vars(v) for k, v in entries.items()}, prompt_format=fmt,
+                train_hash=faults.content_hash(train))
+
+
+def _has_messages(path: Path) -> bool:
+    return any(is_messages(rec) for _, rec in iter_records(path))
+
+
+def prepare(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Path,
+            requested_format: str, max_seq_length: int, overlong: str, cache_dir: Path,
+            num_proc: int, timeout_s: int, say: Any = print
+            ) -> tuple[list[TokenizedSet], list[TokenizedSet], dict[str, Any]]:
+    """Collective: every file tokenized (once per node, or once) and mapped on every rank.
+
+    Returns the train sets, the eval sets (in the order given) and the builder's report.
+    """
+    import torch.distributed as tdist
+
+    shared = _shared(cache_dir)
+    host = socket.gethostname()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    where_all = dist.gather_objects((host, local))
+    if shared:
+        builder_rank = 0
+    else:
+        builder_rank = next(r for r, (h, lr) in enumerate(where_all) if h == host and lr == 0)
+    result: dict[str, Any] | None = None
+    if dist.rank() == builder_rank:
+        try:
+            result = ensure_entries(train, evals, tokenizer, model_dir, requested_format,
+                                    max_seq_length, overlong, cache_dir, num_proc, say)
+        except DataError as e:
+            result = {"error": str(e)}
+        except OSError as e:
+            result = {"error": f"--data_cache_dir {cache_dir}: {e.strerror or e}"}
+    if dist.is_initialized() and dist.world_size() > 1:
+        # Gloo, whatever the training backend: a CPU wait with its own, long timeout.
+        group = tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        tdist.barrier(group=group)
+        tdist.destroy_process_group(group)
+    results = dist.gather_objects(result)
+    failed = [r for r in results if r is not None and "error" in r]
+    if failed:
+        raise DataError(failed[0]["error"])
+    mine = results[builder_rank]
+    entries = mine["entries"]
+    load = {}
+    for p in dict.fromkeys([*map(str, train), *map(str, evals)]):
+        load[p] = load_entry(Path(entries[p]["dir"]), p, max_seq_length)
+    return ([load[str(p)] for p in train], [load[str(p)] for p in evals], mine)
+
+
+def _shared(cache_dir: Path) -> bool:
+    """Collective: do all ranks see the same cache directory? (rank 0 writes a probe file)"""
+    if dist.world_size() == 1:
+        return True
+    token = dist.gather_objects(uuid.uuid4().hex if dist.is_main() else None)[0]
+    probe = Path(cache_dir) / f".probe-{token}"
+    if dist.is_main():
+        with contextlib.suppress(OSError):
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text(socket.gethostname())
+    dist.barrier()
+    seen = dist.gather_objects(probe.exists())
+    dist.barrier()
+    if dist.is_main():
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return all(seen)
