@@ -34,7 +34,16 @@ from typing import Any
 import numpy as np
 
 from trainer import dist, faults
-from trainer.data import DataError, RecordError, is_messages, iter_records, where
+from trainer.data import (
+    DataError,
+    RecordError,
+    is_messages,
+    iter_records,
+    jsonl_lines,
+    parse_line,
+    validate_record,
+    where,
+)
 from trainer.tokenized import TokenizedSet, count_end_tokens, from_chunks, tokenize_columns
 
 CACHE_VERSION = 1  # bump when tokenize_columns' output for the same inputs changes
@@ -79,47 +88,56 @@ def entry_key(file_hash: str, tok_hash: str, fmt_key: str, max_seq_length: int,
 # Building one entry
 
 
-def _records_arrow(path: Path, dest: Path) -> tuple[int, bool]:
-    """Stream the validated records of `path` into an Arrow file of the columns the tokenizer
-    needs; returns (records, whether any is a messages record)."""
+def _records_arrow(path: Path, dest: Path) -> int:
+    """Stream the records of `path` into an Arrow file of JSON texts and their lines (rows),
+    for the map's workers to parse, validate and tokenize in parallel: this sequential pass
+    only reads. Returns the number of records."""
     import pyarrow as pa
 
-    message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    schema = pa.schema([("prompt", pa.string()), ("completion", pa.string()),
-                        ("messages", pa.list_(message)), ("place", pa.int64()),
+    schema = pa.schema([("json", pa.large_string()), ("place", pa.int64()),
                         ("record", pa.int64())])
-    n, has_messages, rows = 0, False, []
-
-    def flush(writer: Any) -> None:
-        writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
-        rows.clear()
-
+    n, rows = 0, []
+    jsonl = path.is_file() and path.suffix != ".parquet"
+    # JSONL lines as they are; parquet rows and saved datasets as validated JSON.
+    items = (jsonl_lines(path) if jsonl else
+             ((place, json.dumps(rec)) for place, rec in iter_records(path)))
     with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for place, rec in iter_records(path):
-            msgs = None
-            if is_messages(rec):
-                has_messages = True
-                msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
-            rows.append(dict(prompt=rec.get("prompt"), completion=rec.get("completion"),
-                             messages=msgs, place=place, record=n))
+        for place, text in items:
+            rows.append((text, place, n))
             n += 1
             if len(rows) == BATCH:
-                flush(writer)
+                writer.write_batch(_batch(rows, schema))
         if rows:
-            flush(writer)
-    return n, has_messages
+            writer.write_batch(_batch(rows, schema))
+    if not n:
+        raise DataError(f"{path}: no records")
+    return n
+
+
+def _batch(rows: list[tuple[str, int, int]], schema: Any) -> Any:
+    import pyarrow as pa
+
+    cols = list(zip(*rows, strict=True))
+    rows.clear()
+    return pa.RecordBatch.from_arrays([pa.array(c, type=t.type) for c, t in zip(cols, schema,
+                                                                                 strict=True)],
+                                      schema=schema)
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, prompt_format: str,
-                    max_seq_length: int, overlong: str, path: str) -> dict[str, list]:
-    recs = [{"messages": m} if m is not None else {"prompt": p, "completion": c}
-            for p, c, m in zip(batch["prompt"], batch["completion"], batch["messages"],
-                               strict=True)]
+                    max_seq_length: int, overlong: str, prefix: str) -> dict[str, list]:
+    """The map function: parse, validate and tokenize a batch (prefix: "FILE:line " or
+    "FILE:row ", for messages)."""
+    recs = []
+    for text, place in zip(batch["json"], batch["place"], strict=True):
+        rec = parse_line(text, prefix + str(place))
+        validate_record(rec, prefix + str(place))
+        recs.append(rec)
     try:
         return tokenize_columns(recs, batch["record"], tokenizer, prompt_format,
                                 max_seq_length, overlong)
     except RecordError as e:
-        raise DataError(f"{where(Path(path), batch['place'][e.index])}: {e}") from None
+        raise DataError(f"{prefix}{batch['place'][e.index]}: {e}") from None
 
 
 def _sha256(path: Path) -> str:
@@ -137,7 +155,7 @@ def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        n, _ = _records_arrow(path, tmp / "records.arrow")
+        n = _records_arrow(path, tmp / "records.arrow")
         procs = max(1, min(num_proc, n // MIN_RECORDS_PER_PROC))
         features = datasets.Features(
             input_ids=datasets.Sequence(datasets.Value("int32")),
@@ -158,7 +176,7 @@ def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
                     else None, remove_columns=records.column_names, features=features,
                     fn_kwargs=dict(tokenizer=tokenizer, prompt_format=prompt_format,
                                    max_seq_length=max_seq_length, overlong=overlong,
-                                   path=str(path)),
+                                   prefix=where(path, 0)[:-1]),
                     cache_file_name=str(tmp / "tokens.arrow"), load_from_cache_file=False,
                     new_fingerprint=entry.name, writer_batch_size=BATCH)
         finally:
@@ -305,7 +323,14 @@ def ensure_entries(train: list[Path], evals: list[Path], tokenizer: Any, model_d
 
 
 def _has_messages(path: Path) -> bool:
-    return any(is_messages(rec) for _, rec in iter_records(path))
+    """Whether any record is a messages record (decides --prompt_format auto). A JSONL line
+    is parsed only when it mentions "messages"; the first one found ends the scan."""
+    if not (path.is_file() and path.suffix != ".parquet"):
+        return any(is_messages(rec) for _, rec in iter_records(path))
+    for lineno, line in jsonl_lines(path):
+        if '"messages"' in line and is_messages(parse_line(line, f"{path}:line {lineno}")):
+            return True
+    return False
 
 
 def prepare(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Path,

@@ -54,7 +54,8 @@ def tokenize_columns(recs: list[dict[str, Any]], record_index: list[int], tokeni
         cols["input_ids"].append(ids)
         cols["labels"].append(labels)
         cols["state"].append(state)
-        cols["n_labels"].append(sum(1 for x in labels[1:] if x != IGNORE_INDEX))
+        # The first position is never a target (the model shifts labels left by one).
+        cols["n_labels"].append(max(0, len(labels) - 1 - labels[1:].count(IGNORE_INDEX)))
         cols["merged"].append(int(enc.boundary_merged and state != DROPPED))
         cols["end_tokens"].append(enc.end_tokens if state == KEPT else [])
         cols["record"].append(index)
