@@ -12,11 +12,11 @@
 3. First tokenization into the cache (trainer.datacache.ensure_entries, a fresh cache dir) of
    the first --rate_records records with --num_proc 1 and 2: records/s.
 4. The whole set with --num_proc 2: the build every later launch skips.
-5. A cached start in a fresh process, as one rank of an 8-rank node: check the entry (sizes and
-   sha256), map it, and build the sampler with the packing plan of epoch 0 (--max_seq_length);
-   then 50 steps' batches. Time, and the process's resident memory above its level before
-   (after imports and the tokenizer): total and anonymous (the memory-mapped token pages are
-   file-backed, shared by the node's ranks and evictable).
+5. A cached start in a fresh process, as rank 0 of an 8-rank node: check the entry (sizes and
+   sha256), open it, and build the sampler with the packing plan of epoch 0 (--max_seq_length);
+   then 500 steps' batches of this rank, then every example read once. Time, and the process's
+   resident memory above its level before (after imports and the tokenizer), at each point:
+   total, anonymous and file-backed.
 
 Each measurement runs in its own process; nothing else should run on the machine meanwhile.
 """
@@ -141,15 +141,23 @@ def child_start(args: argparse.Namespace) -> dict:
     start_s = time.perf_counter() - t0
     ready = rss()
     t1 = time.perf_counter()
-    for step in range(50):
+    for step in range(500):
         sampler.step(step * sampler.global_batch)
     steps_s = time.perf_counter() - t1
     gc.collect()
+    stepped = rss()
+    t2 = time.perf_counter()
+    for i in range(len(data)):  # every token of the set read once, as over an epoch
+        data.input_ids.array(i)
+        data.labels.array(i)
+    read_all_s = time.perf_counter() - t2
+    gc.collect()
     after = rss()
     return dict(examples=len(data), units=len(sampler.units(0)), start_s=start_s,
-                steps_50_s=steps_s,
+                steps_500_s=steps_s, read_every_example_s=read_all_s,
                 rss_mib={k: (ready[k] - before[k]) / 2**20 for k in before},
-                rss_after_steps_mib={k: (after[k] - before[k]) / 2**20 for k in before})
+                rss_after_500_steps_mib={k: (stepped[k] - before[k]) / 2**20 for k in before},
+                rss_after_reading_all_mib={k: (after[k] - before[k]) / 2**20 for k in before})
 
 
 def run_child(kind: str, **kw) -> dict:

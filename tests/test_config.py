@@ -182,7 +182,27 @@ BAD_FLAGS = {
     "negative save interval": (["--save_steps", "-1"], "--save_every_n_steps"),
     "keep without saves": (["--save_steps", "0", "--keep_last", "2"], "saves none"),
     "zero rank timeout": (["--rank_timeout_s", "0"], "--rank_timeout_s"),
+    "steps and epochs": (["--max_steps", "10", "--num_epochs", "2"],
+                         "give --max_steps or --num_epochs, not both"),
+    "weights without files": (["--train_weights", "1"], "--train_weights: 1 weight(s) for 0"),
+    "weights per file": (["--train_file", "a.jsonl", "b.jsonl", "--train_weights", "1"],
+                         "--train_weights: 1 weight(s) for 2 --train_file(s)"),
+    "zero weight": (["--train_file", "a", "b", "--train_weights", "1", "0"], "above 0"),
+    "file twice": (["--train_file", "a.jsonl", "a.jsonl"], "a.jsonl is given twice"),
+    "negative eval interval": (["--eval_steps", "-1"], "--eval_steps"),
 }
+
+
+def test_several_files_weights_and_epochs_parse(tmp_path):
+    cfg = _run_cfg(tmp_path, "--train_file", "a.jsonl", "b.parquet", "--train_weights", "0.7",
+                   "0.3", "--eval_file", "x.jsonl", "y.jsonl", "--num_epochs", "2.5",
+                   "--eval_steps", "0", "--no-eval_at_start")
+    assert cfg.train_paths == [Path("a.jsonl"), Path("b.parquet")]
+    assert cfg.eval_paths == [Path("x.jsonl"), Path("y.jsonl")]
+    # max_steps is worked out from the data at start (trainer.loop.setup)
+    assert (cfg.train_weights, cfg.num_epochs, cfg.max_steps) == ([0.7, 0.3], 2.5, None)
+    assert (cfg.eval_steps, cfg.eval_at_start) == (0, False)
+    assert cfg.cache_dir == tmp_path / "data_cache"
 
 
 def test_save_every_0_means_no_checkpoints(tmp_path):

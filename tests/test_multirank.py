@@ -199,3 +199,49 @@ def test_consolidated_reproduces_live_engine_logits(tmp_path):
     with torch.no_grad():
         logits = model(**live["batch"]).logits
     torch.testing.assert_close(logits, live["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_mix_by_epochs_with_per_file_eval_tokenized_once(tmp_path):
+    """Two training files 1:3, two eval files, --num_epochs 1, no eval but the last."""
+    import math
+
+    import yaml
+
+    from trainer.batching import quotas
+
+    train = (ASSETS_DIR / "q_sft_train.jsonl").read_text().splitlines()
+    test = (ASSETS_DIR / "q_sft_test.jsonl").read_text().splitlines()
+    files = {}
+    for name, lines in (("a", train[:60]), ("b", train[60:90]), ("e1", test[:6]),
+                        ("e2", test[6:16])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    res = launch("launch/train.py", [
+        "--model_size", "tiny", "--output_dir", str(out), "--max_seq_length", "512",
+        "--train_file", str(files["a"]), str(files["b"]), "--train_weights", "1", "3",
+        "--eval_file", str(files["e1"]), str(files["e2"]), "--num_epochs", "1",
+        "--eval_steps", "0", "--no-eval_at_start", "--save_steps", "0", "--batch_size", "2",
+        "--data_cache_dir", str(tmp_path / "cache")], nproc=2, tmp=tmp_path, timeout=400)
+    assert res.returncode == 0, res.stdout[-4000:]
+    # Rank 0 alone tokenized each file (the other rank waited, then mapped the entries).
+    assert res.stdout.count("qsft: tokenizing ") == 4
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+    data = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    a, b = data["train"]
+    assert (a["weight"], b["weight"]) == (1.0, 3.0)
+    assert [a["per_epoch"], b["per_epoch"]] == quotas([1, 3], [a["examples"], b["examples"]])
+    line = next(x for x in res.stdout.splitlines() if "--num_epochs 1:" in x)
+    units = int(line.split(": ")[1].split()[0])
+    steps = math.ceil(units / 4)  # global batch 2 x 1 x 2
+    assert line.endswith(f"global batch 4 -> {steps} steps")
+    summary = json.loads((out / "logs" / "summary.json").read_text())
+    assert summary["steps"] == steps
+    evals = json.loads((out / "logs" / "eval_results.json").read_text())["history"]
+    assert [r["step"] for r in evals] == [steps]  # no step-0 eval, none periodic
+    by_file = evals[0]["eval_loss_by_file"]
+    assert set(by_file) == {"e1.jsonl", "e2.jsonl"}
+    tokens = [e["label_tokens"] for e in data["eval"]]
+    pooled = (by_file["e1.jsonl"] * tokens[0] + by_file["e2.jsonl"] * tokens[1]) / sum(tokens)
+    assert evals[0]["eval_loss"] == pytest.approx(pooled, rel=1e-9)
+    assert by_file["e1.jsonl"] != by_file["e2.jsonl"]

@@ -112,6 +112,8 @@ def test_sigkill_after_a_checkpoint_resumes_exactly(reference, tmp_path):
     res = _run(tmp_path, out)
     assert f"resumed from {out / 'checkpoints' / f'checkpoint-{SAVE}'} at step {SAVE}" in (
         res.stdout)
+    # The restart maps the data the first launch tokenized (the cache in the output dir).
+    assert "qsft: tokenizing" not in res.stdout and "tokenized earlier" in res.stdout
     _assert_same_run(out, reference, SAVE)
     events = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "resume", "step": SAVE, "tag": f"checkpoint-{SAVE}", "world_size": 2} in (

@@ -44,7 +44,14 @@ from trainer.data import (
     validate_record,
     where,
 )
-from trainer.tokenized import TokenizedSet, count_end_tokens, from_chunks, tokenize_columns
+from trainer.tokenized import (
+    FileValues,
+    OpenFile,
+    TokenizedSet,
+    count_end_tokens,
+    from_chunks,
+    tokenize_columns,
+)
 
 CACHE_VERSION = 1  # bump when tokenize_columns' output for the same inputs changes
 MANIFEST = "manifest.json"
@@ -98,9 +105,12 @@ def _records_arrow(path: Path, dest: Path) -> int:
                         ("record", pa.int64())])
     n, rows = 0, []
     jsonl = path.is_file() and path.suffix != ".parquet"
-    # JSONL lines as they are; parquet rows and saved datasets as validated JSON.
+    # JSONL lines as they are; parquet rows and saved datasets validated, as JSON of the
+    # fields that are trained on (other columns may hold what JSON cannot, e.g. timestamps).
+    fields = ("prompt", "completion", "messages")
     items = (jsonl_lines(path) if jsonl else
-             ((place, json.dumps(rec)) for place, rec in iter_records(path)))
+             ((place, json.dumps({k: rec[k] for k in fields if k in rec}))
+              for place, rec in iter_records(path)))
     with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for place, text in items:
             rows.append((text, place, n))
@@ -146,8 +156,8 @@ def _sha256(path: Path) -> str:
 
 
 def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
-                max_seq_length: int, overlong: str, num_proc: int, inputs: dict[str, Any]
-                ) -> None:
+                max_seq_length: int, overlong: str, num_proc: int, inputs: dict[str, Any],
+                say: Any = print) -> None:
     """Tokenize `path` into the cache entry `entry` (absent before, complete after)."""
     import datasets
 
@@ -157,6 +167,8 @@ def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
     try:
         n = _records_arrow(path, tmp / "records.arrow")
         procs = max(1, min(num_proc, n // MIN_RECORDS_PER_PROC))
+        say(f"tokenizing {path} ({n} records, {procs} process{'es' if procs > 1 else ''}) "
+            f"into {entry}")
         features = datasets.Features(
             input_ids=datasets.Sequence(datasets.Value("int32")),
             labels=datasets.Sequence(datasets.Value("int32")), state=datasets.Value("int8"),
@@ -250,23 +262,34 @@ def check_entry(entry: Path, key: str) -> str | None:
 def load_entry_files(entry: Path, files: list[str], prompt_format: str, source: str,
                      max_seq_length: int, end_tokens: dict[int, int] | None = None
                      ) -> TokenizedSet:
-    """Memory-map an entry's Arrow files: token buffers stay in the page cache, shared by the
-    node's ranks; only per-example lengths and counts are copied."""
+    """An entry's Arrow files as a TokenizedSet: the files are memory-mapped only to read their
+    layout and the small columns; token values stay in the files, read per example (see
+    trainer.tokenized.FileValues); per-row offsets, lengths and counts are copied (~30 bytes
+    per example)."""
     import pyarrow as pa
 
     ids_chunks, label_chunks, small = [], [], {k: [] for k in ("state", "n_labels", "record",
                                                                  "merged")}
     ends: list[list[int]] = []
     for name in files:
-        table = pa.ipc.open_stream(pa.memory_map(str(entry / name))).read_all()
+        path = str(entry / name)
+        mapped = pa.memory_map(path)
+        base = mapped.read_buffer(1).address  # where the file starts in the mapping
+        mapped.seek(0)
+        table = pa.ipc.open_stream(mapped).read_all()
+        file = OpenFile(path)
         for col, out in (("input_ids", ids_chunks), ("labels", label_chunks)):
             for chunk in table.column(col).chunks:
-                out.append((chunk.values.to_numpy(zero_copy_only=True),
-                            chunk.offsets.to_numpy(zero_copy_only=True)))
+                values = chunk.values
+                pos = values.buffers()[1].address - base + values.offset * 4
+                out.append((FileValues(file, pos, len(values)),
+                            np.array(chunk.offsets.to_numpy(zero_copy_only=True))))
         for k, parts in small.items():
-            parts.append(table.column(k).to_numpy())
+            parts.append(np.array(table.column(k).to_numpy()))
         if end_tokens is None:
             ends += table.column("end_tokens").to_pylist()
+        del table
+        mapped.close()
     cols = {k: np.concatenate(v) for k, v in small.items()}
     return from_chunks(ids_chunks, label_chunks, cols["state"], cols["n_labels"], cols["record"],
                        cols["merged"], count_end_tokens(ends) if end_tokens is None
@@ -316,7 +339,8 @@ def ensure_entries(train: list[Path], evals: list[Path], tokenizer: Any, model_d
         t0 = time.perf_counter()
         inputs = dict(file=str(p), file_sha256=hashes[str(p)], tokenizer=tok,
                       prompt_format=fmt_key, max_seq_length=max_seq_length, overlong=overlong)
-        build_entry(Path(p), entry, tokenizer, fmt, max_seq_length, overlong, num_proc, inputs)
+        build_entry(Path(p), entry, tokenizer, fmt, max_seq_length, overlong, num_proc, inputs,
+                    say)
         entries[str(p)] = Entry(str(p), str(entry), True, time.perf_counter() - t0, fmt)
     return dict(entries={k: vars(v) for k, v in entries.items()}, prompt_format=fmt,
                 train_hash=faults.content_hash(train))
@@ -352,6 +376,7 @@ def prepare(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Pat
     else:
         builder_rank = next(r for r, (h, lr) in enumerate(where_all) if h == host and lr == 0)
     result: dict[str, Any] | None = None
+    crash: BaseException | None = None
     if dist.rank() == builder_rank:
         try:
             result = ensure_entries(train, evals, tokenizer, model_dir, requested_format,
@@ -360,15 +385,26 @@ def prepare(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Pat
             result = {"error": str(e)}
         except OSError as e:
             result = {"error": f"--data_cache_dir {cache_dir}: {e.strerror or e}"}
+        except Exception as e:  # noqa: BLE001 - a bug: the waiting ranks must not wait for hours
+            crash, result = e, {"error": f"rank {dist.rank()} failed while tokenizing: "
+                                         f"{type(e).__name__}: {e}", "crash": True}
     if dist.is_initialized() and dist.world_size() > 1:
         # Gloo, whatever the training backend: a CPU wait with its own, long timeout.
         group = tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         tdist.barrier(group=group)
         tdist.destroy_process_group(group)
     results = dist.gather_objects(result)
+    if crash is not None:
+        raise crash
     failed = [r for r in results if r is not None and "error" in r]
     if failed:
+        if failed[0].get("crash"):
+            raise RuntimeError(failed[0]["error"])
         raise DataError(failed[0]["error"])
+    built = [r for r in results if r is not None]
+    if len({r["train_hash"] for r in built}) > 1:  # node-local caches: each node its own copy
+        raise DataError("the nodes' training files differ (their contents hash differently): "
+                        "every node must train on the same data")
     mine = results[builder_rank]
     entries = mine["entries"]
     load = {}

@@ -148,6 +148,7 @@ def setup(cfg: RunConfig) -> Run:
         tokenizer = load_tokenizer(cfg.model_dir, cfg.trust_remote_code)
         # Names and shapes of the base weights against config.json, from the file headers.
         weight_index = weights.check_files(cfg.model_dir) if has_weights(cfg.model_dir) else {}
+        rundata.check_files(cfg)
     except (ConfigError, DataError) as e:
         local_error = e
     except OSError as e:  # e.g. a permission error on one node's copy of a path

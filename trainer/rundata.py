@@ -15,6 +15,7 @@ from typing import Any
 
 from trainer import datacache
 from trainer.config import RunConfig
+from trainer.data import DataError
 from trainer.tokenized import TokenizedSet, mix
 
 
@@ -40,6 +41,14 @@ def load(cfg: RunConfig, tokenizer: Any) -> RunData:
         cfg.max_seq_length, cfg.overlong, cfg.cache_dir,
         cfg.num_proc or datacache.default_num_proc(), cfg.data_timeout_s, say)
     return RunData(mix(train, cfg.train_weights), train, evals, report)
+
+
+def check_files(cfg: RunConfig) -> None:
+    """Every rank, before the process group: a data path this rank cannot see is its error
+    (gathered by the preflight, naming the rank), not a wait for a builder elsewhere."""
+    for p in [*cfg.train_paths, *cfg.eval_paths]:
+        if not Path(p).exists():
+            raise DataError(f"{p}: file not found")
 
 
 def steps_for_epochs(num_epochs: float, units_per_epoch: int, global_batch: int) -> int:

@@ -6,15 +6,18 @@ position excluded), `merged` (raw format: prompt and completion share a token), 
 and `record` (the record's index in its file). The same function fills it in memory (tests, the
 data tools) and in the `datasets` map that writes the on-disk cache (trainer.datacache).
 
-Token lists are never Python lists of ints at run time: a :class:`TokenColumn` keeps the
-memory-mapped Arrow buffers (values + offsets, zero-copy numpy views) and slices one example on
-demand; per-example lengths and label counts are small numpy arrays. So a rank's resident memory
-for the data is about 20 bytes per example, whatever the number of tokens.
+Token lists are never Python lists of ints at run time: a :class:`TokenColumn` keeps where
+each example's tokens are (the cache's Arrow files, read on demand, see FileValues; or one
+numpy array for a set tokenized in memory) and per-example offsets; lengths and label counts are
+small numpy arrays. So a rank's resident memory for the data is under 100 bytes per example,
+whatever the number of tokens.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,14 +65,48 @@ def tokenize_columns(recs: list[dict[str, Any]], record_index: list[int], tokeni
     return cols
 
 
-class TokenColumn:
-    """Per-example token lists over flat chunks: column[i] is a list, .array(i) a numpy view.
+class OpenFile:
+    """A read-only file descriptor, closed with the last chunk that reads through it."""
 
-    chunks: (values, offsets) pairs (an Arrow list array's buffers); rows: the table row of
-    each example (dropped rows are skipped).
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self.fd)
+
+
+class FileValues:
+    """The int32 values of one Arrow buffer, read from its file on demand (os.pread).
+
+    Not a memory map: pages of a mapping stay in the process's resident set once touched (with
+    the kernel's fault-around, 64 KiB at a time), so over an epoch a mapped 1.6 GB cache would
+    become 1.6 GB of every rank's RSS. Read this way the tokens live only in the page cache,
+    shared by the node's ranks and evictable, and a rank holds the examples of its current
+    micro-batch.
     """
 
-    def __init__(self, chunks: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray):
+    def __init__(self, file: OpenFile, pos: int, length: int):
+        self.file, self.pos, self.length = file, pos, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        lo, hi, _ = sl.indices(self.length)
+        data = os.pread(self.file.fd, (hi - lo) * 4, self.pos + lo * 4)
+        return np.frombuffer(data, dtype=np.int32)
+
+
+class TokenColumn:
+    """Per-example token lists over flat chunks: column[i] is a list, .array(i) an array.
+
+    chunks: (values, offsets) pairs, an Arrow list array's buffers: values in memory (a numpy
+    array) or in a file (FileValues); rows: the table row of each example (dropped rows are
+    skipped).
+    """
+
+    def __init__(self, chunks: list[tuple[Any, np.ndarray]], rows: np.ndarray):
         self.chunks, self.rows = chunks, rows
         self._starts = [0]
         for _, offsets in chunks:
