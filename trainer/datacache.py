@@ -151,8 +151,11 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, prompt_format: str,
 
 
 def _sha256(path: Path) -> str:
+    h = hashlib.sha256()  # not hashlib.file_digest: Python 3.11+, and we support 3.10
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
