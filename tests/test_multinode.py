@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import kill_all, start_two_nodes, two_nodes
+from tests.conftest import EVAL_SMALL, kill_all, start_two_nodes, two_nodes
 
 pytestmark = pytest.mark.multirank
 
@@ -57,6 +57,24 @@ def test_input_only_one_node_can_read_fails_on_every_rank_naming_it(tmp_path):
         assert res.returncode == 2, res.stdout[-3000:]
     line = [ln for ln in results[0].stdout.splitlines() if ln.startswith("qsft: ")]
     assert len(line) == 1 and "rank 1 on" in line[0] and "train.jsonl" in line[0], line
+
+
+def test_a_node_local_data_cache_is_built_once_on_each_node(tmp_path):
+    """--data_cache_dir given relative: a different directory on each node, as a node-local
+    disk would be; each node's first rank tokenizes into its own, and the job trains."""
+    cwds = (tmp_path / "node0", tmp_path / "node1")
+    for d in cwds:
+        d.mkdir()
+    assets = Path(__file__).resolve().parent.parent / "trainer" / "assets"
+    args = _tiny(tmp_path / "run", "--data_cache_dir", "cache", "--train_file",
+                 str(assets / "q_sft_train.jsonl"), "--eval_file", str(EVAL_SMALL))
+    args[args.index("--max_steps") + 1] = "2"
+    results = two_nodes(tmp_path, "launch/train.py", args, cwds=cwds, timeout=300)
+    for res in results:
+        assert res.returncode == 0, res.stdout[-3000:]
+    for node, res in zip(cwds, results, strict=True):
+        assert res.stdout.count("qsft: tokenizing ") == 2, res.stdout[-3000:]  # train + eval
+        assert len(list((node / "cache").iterdir())) == 2
 
 
 def _rank_of(node) -> psutil.Process:

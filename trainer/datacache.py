@@ -371,13 +371,9 @@ def prepare(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Pat
     import torch.distributed as tdist
 
     shared = _shared(cache_dir)
-    host = socket.gethostname()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    where_all = dist.gather_objects((host, local))
-    if shared:
-        builder_rank = 0
-    else:
-        builder_rank = next(r for r, (h, lr) in enumerate(where_all) if h == host and lr == 0)
+    # The launchers (deepspeed, torchrun) number each node's ranks contiguously: the node's
+    # local rank 0 is this rank minus its local rank.
+    builder_rank = 0 if shared else dist.rank() - int(os.environ.get("LOCAL_RANK", "0"))
     result: dict[str, Any] | None = None
     crash: BaseException | None = None
     if dist.rank() == builder_rank:
