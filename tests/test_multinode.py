@@ -77,6 +77,24 @@ def test_a_node_local_data_cache_is_built_once_on_each_node(tmp_path):
         assert len(list((node / "cache").iterdir())) == 2
 
 
+def test_nodes_with_different_copies_of_the_training_data_stop_before_training(tmp_path):
+    """Relative --train_file and --data_cache_dir: each node reads and caches its own copy;
+    copies that differ are one error on every rank, not two models trained on other data."""
+    cwds = (tmp_path / "node0", tmp_path / "node1")
+    src = (Path(__file__).resolve().parent.parent / "trainer" / "assets" /
+           "q_sft_train.jsonl").read_text().splitlines()
+    for d, lines in zip(cwds, (src[:100], src[100:200]), strict=True):
+        d.mkdir()
+        (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+    results = two_nodes(tmp_path, "launch/train.py",
+                        _tiny(tmp_path / "run", "--train_file", "train.jsonl",
+                              "--data_cache_dir", "cache"), cwds=cwds, timeout=180)
+    for res in results:
+        assert res.returncode == 2, res.stdout[-3000:]
+    line = [ln for ln in results[0].stdout.splitlines() if ln.startswith("qsft: error")]
+    assert len(line) == 1 and "training files differ" in line[0], results[0].stdout[-3000:]
+
+
 def _rank_of(node) -> psutil.Process:
     for p in psutil.Process(node.pid).children(recursive=True):
         cmd = " ".join(p.cmdline())
