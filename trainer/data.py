@@ -70,9 +70,13 @@ def _kind(path: Path) -> str:
     return "dir" if path.is_dir() else "parquet" if path.suffix == ".parquet" else "jsonl"
 
 
+def place_prefix(path: Path) -> str:
+    """'FILE:line ' for JSONL (lines 1-based, as an editor), 'FILE:row ' otherwise (0-based)."""
+    return f"{path}:{'line' if _kind(Path(path)) == 'jsonl' else 'row'} "
+
+
 def where(path: Path, place: int) -> str:
-    """'FILE:line N' for JSONL (1-based, as an editor), 'FILE:row N' otherwise (0-based)."""
-    return f"{path}:{'line' if _kind(Path(path)) == 'jsonl' else 'row'} {place}"
+    return place_prefix(path) + str(place)
 
 
 def iter_records(path: Path, batch_rows: int = 4096) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -84,7 +88,7 @@ def iter_records(path: Path, batch_rows: int = 4096) -> Iterator[tuple[int, dict
     kind = _kind(path)
     rows = (_iter_jsonl(path) if kind == "jsonl" else _iter_parquet(path, batch_rows)
             if kind == "parquet" else _iter_dataset_dir(path, batch_rows))
-    prefix = f"{path}:{'line' if kind == 'jsonl' else 'row'} "  # where(), once per file
+    prefix = place_prefix(path)  # once per file, not per record
     n = 0
     for place, rec in rows:
         validate_record(rec, prefix + str(place))

@@ -41,8 +41,8 @@ from trainer.data import (
     iter_records,
     jsonl_lines,
     parse_line,
+    place_prefix,
     validate_record,
-    where,
 )
 from trainer.tokenized import (
     FileValues,
@@ -191,7 +191,7 @@ def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
                     else None, remove_columns=records.column_names, features=features,
                     fn_kwargs=dict(tokenizer=tokenizer, prompt_format=prompt_format,
                                    max_seq_length=max_seq_length, overlong=overlong,
-                                   prefix=where(path, 0)[:-1]),
+                                   prefix=place_prefix(path)),
                     cache_file_name=str(tmp / "tokens.arrow"), load_from_cache_file=False,
                     new_fingerprint=entry.name, writer_batch_size=BATCH)
         finally:
@@ -346,7 +346,10 @@ def ensure_entries(train: list[Path], evals: list[Path], tokenizer: Any, model_d
                     say)
         entries[str(p)] = Entry(str(p), str(entry), True, time.perf_counter() - t0, fmt)
     return dict(entries={k: vars(v) for k, v in entries.items()}, prompt_format=fmt,
-                train_hash=faults.content_hash(train))
+                # One file: its hash above (the same as content_hash([file]), so the
+                # checkpoint fingerprints of earlier versions still match); several: all in one.
+                train_hash=hashes[str(train[0])] if len(train) == 1
+                else faults.content_hash(train))
 
 
 def _has_messages(path: Path) -> bool:
