@@ -25,12 +25,22 @@ setup(
         "tqdm>=4.66",
         "numpy>=1.26",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6",
-                            # qls: the q syntax lint of the shipped sample set (tests)
-                            "q-lang-server>=1.0.5,<2"],
-                    "bench": ["trl>=1.0"]},
-    entry_points={"console_scripts": ["qsft-config=trainer.config:main",
-                                      "qsft-consolidate=trainer.consolidate:main",
-                                      "qsft-plan=trainer.plan:main",
-                                      "qsft-data=trainer.data_cli:main"]},
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "ruff>=0.6",
+            # qls: the q syntax lint of the shipped sample set (tests)
+            "q-lang-server>=1.0.5,<2",
+        ],
+        "bench": ["trl>=1.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "qsft-config=trainer.config:main",
+            "qsft-consolidate=trainer.consolidate:main",
+            "qsft-plan=trainer.plan:main",
+            "qsft-data=trainer.data_cli:main",
+        ]
+    },
 )

@@ -32,8 +32,9 @@ from tests.conftest import free_port, run_env  # noqa: E402
 def measure(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float, str]:
     """(exit code, wall seconds, peak RSS GiB, output tail) of one child process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -46,17 +47,45 @@ def build_checkpoint(work: Path, args: argparse.Namespace, env: dict[str, str]) 
     model = work / "model"
     shutil.copytree(REPO / "trainer" / "assets" / "tiny_model", model)
     base = json.loads((model / "config.json").read_text())
-    Qwen2Config(vocab_size=151936, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                num_key_value_heads=max(1, args.hidden // 256), tie_word_embeddings=True,
-                max_position_embeddings=2048, bos_token_id=base["bos_token_id"],
-                eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"],
-                ).save_pretrained(model)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-           str(free_port()), "launch/train.py", "--model_size", "tiny", "--base_model",
-           str(model), "--train_file", str(REPO / "trainer/assets/q_sft_train.jsonl"),
-           "--output_dir", str(work / "run"), "--max_steps", "2", "--save_steps", "2",
-           "--max_seq_length", "128", "--batch_size", "1", "--consolidate", "none"]
+    Qwen2Config(
+        vocab_size=151936,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        bos_token_id=base["bos_token_id"],
+        eos_token_id=base["eos_token_id"],
+        pad_token_id=base["pad_token_id"],
+    ).save_pretrained(model)
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--model_size",
+        "tiny",
+        "--base_model",
+        str(model),
+        "--train_file",
+        str(REPO / "trainer/assets/q_sft_train.jsonl"),
+        "--output_dir",
+        str(work / "run"),
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--max_seq_length",
+        "128",
+        "--batch_size",
+        "1",
+        "--consolidate",
+        "none",
+    ]
     rc, wall, _, out = measure(cmd, env)
     if rc != 0:
         sys.exit(f"training failed:\n{out}")
@@ -70,8 +99,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--reuse", action="store_true",
-                   help="keep the checkpoint a previous run built in --workdir")
+    p.add_argument(
+        "--reuse", action="store_true", help="keep the checkpoint a previous run built in --workdir"
+    )
     args = p.parse_args()
     work = args.workdir
     root = work / "run" / "checkpoints"
@@ -91,15 +121,43 @@ def main() -> None:
                 pass
     py = sys.executable
     runs = {
-        "qsft consolidate --dtype bf16": [py, "-m", "trainer.consolidate", str(tag), "--out",
-                                          str(work / "ours_bf16"), "--dtype", "bf16"],
-        "qsft consolidate --dtype fp32": [py, "-m", "trainer.consolidate", str(tag), "--out",
-                                          str(work / "ours_fp32"), "--dtype", "fp32"],
-        "zero_to_fp32.py --safe_serialization": [py, str(root / "zero_to_fp32.py"), str(root),
-                                                 str(work / "ds_safe"), "--tag", tag.name,
-                                                 "--safe_serialization"],
-        "zero_to_fp32.py (pickle)": [py, str(root / "zero_to_fp32.py"), str(root),
-                                     str(work / "ds_bin"), "--tag", tag.name],
+        "qsft consolidate --dtype bf16": [
+            py,
+            "-m",
+            "trainer.consolidate",
+            str(tag),
+            "--out",
+            str(work / "ours_bf16"),
+            "--dtype",
+            "bf16",
+        ],
+        "qsft consolidate --dtype fp32": [
+            py,
+            "-m",
+            "trainer.consolidate",
+            str(tag),
+            "--out",
+            str(work / "ours_fp32"),
+            "--dtype",
+            "fp32",
+        ],
+        "zero_to_fp32.py --safe_serialization": [
+            py,
+            str(root / "zero_to_fp32.py"),
+            str(root),
+            str(work / "ds_safe"),
+            "--tag",
+            tag.name,
+            "--safe_serialization",
+        ],
+        "zero_to_fp32.py (pickle)": [
+            py,
+            str(root / "zero_to_fp32.py"),
+            str(root),
+            str(work / "ds_bin"),
+            "--tag",
+            tag.name,
+        ],
     }
     results = {}
     for name, cmd in runs.items():
@@ -108,8 +166,10 @@ def main() -> None:
         if rc != 0:
             print(f"{name} failed (exit {rc}): {out.strip().splitlines()[-1]}")
     n_params = json.loads((work / "ours_fp32" / "manifest.json").read_text())["num_parameters"]
-    print(f"\nmodel: {n_params / 1e6:.0f}M parameters (hidden {args.hidden}, {args.layers} "
-          f"layers, tied); checkpoint {ckpt_bytes / 2**30:.2f} GiB on disk, 2 ranks\n")
+    print(
+        f"\nmodel: {n_params / 1e6:.0f}M parameters (hidden {args.hidden}, {args.layers} "
+        f"layers, tied); checkpoint {ckpt_bytes / 2**30:.2f} GiB on disk, 2 ranks\n"
+    )
     print("| method | exit | wall (s) | peak RSS (GiB) |\n|---|---|---|---|")
     for name, (rc, wall, rss) in results.items():
         print(f"| {name} | {rc} | {wall:.1f} | {rss:.2f} |")

@@ -54,8 +54,15 @@ def generate(n: int, dest: Path) -> Path:
     with open(tmp, "w") as f:
         for i in range(n):
             r = base[i % len(base)]
-            f.write(json.dumps({"prompt": f"Problem {i}: {r['prompt']}",
-                                "completion": f"{r['completion']}\n/ variant {i}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Problem {i}: {r['prompt']}",
+                        "completion": f"{r['completion']}\n/ variant {i}",
+                    }
+                )
+                + "\n"
+            )
     tmp.rename(dest)
     dest.with_suffix(".done").touch()
     return dest
@@ -89,15 +96,19 @@ def child_old(args: argparse.Namespace) -> dict:
     ids, labels = [], []
     for r in records:
         e = encode(r, tok, "raw")
-        ids.append(e.input_ids[:args.max_seq_length])
-        labels.append(e.labels[:args.max_seq_length])
+        ids.append(e.input_ids[: args.max_seq_length])
+        labels.append(e.labels[: args.max_seq_length])
     seconds = time.perf_counter() - t0
     del records
     gc.collect()
     after = rss()
     tokens = sum(map(len, ids))
-    return dict(records=len(ids), seconds=seconds, tokens=tokens,
-                bytes_per_token=(after["RssAnon"] - before["RssAnon"]) / tokens)
+    return dict(
+        records=len(ids),
+        seconds=seconds,
+        tokens=tokens,
+        bytes_per_token=(after["RssAnon"] - before["RssAnon"]) / tokens,
+    )
 
 
 def child_build(args: argparse.Namespace) -> dict:
@@ -107,15 +118,28 @@ def child_build(args: argparse.Namespace) -> dict:
     cache = Path(args.cache)
     shutil.rmtree(cache, ignore_errors=True)
     t0 = time.perf_counter()
-    report = datacache.ensure_entries([Path(args.file)], [], tok, ASSETS / "tiny_model", "raw",
-                                      args.max_seq_length, "drop", cache, args.num_proc,
-                                      say=lambda m: None)
+    report = datacache.ensure_entries(
+        [Path(args.file)],
+        [],
+        tok,
+        ASSETS / "tiny_model",
+        "raw",
+        args.max_seq_length,
+        "drop",
+        cache,
+        args.num_proc,
+        say=lambda m: None,
+    )
     seconds = time.perf_counter() - t0
     entry = Path(next(iter(report["entries"].values()))["dir"])
     manifest = json.loads((entry / datacache.MANIFEST).read_text())
-    return dict(records=manifest["stats"]["records"], tokens=manifest["stats"]["tokens"],
-                seconds=seconds, processes=manifest["processes"],
-                cache_bytes=sum(f["bytes"] for f in manifest["files"].values()))
+    return dict(
+        records=manifest["stats"]["records"],
+        tokens=manifest["stats"]["tokens"],
+        seconds=seconds,
+        processes=manifest["processes"],
+        cache_bytes=sum(f["bytes"] for f in manifest["files"].values()),
+    )
 
 
 def child_start(args: argparse.Namespace) -> dict:
@@ -133,9 +157,19 @@ def child_start(args: argparse.Namespace) -> dict:
     gc.collect()
     before = rss()
     t0 = time.perf_counter()
-    train, _, _ = datacache.prepare([Path(args.file)], [], tok, ASSETS / "tiny_model", "raw",
-                                    args.max_seq_length, "drop", Path(args.cache), 1, 60,
-                                    say=lambda m: None)
+    train, _, _ = datacache.prepare(
+        [Path(args.file)],
+        [],
+        tok,
+        ASSETS / "tiny_model",
+        "raw",
+        args.max_seq_length,
+        "drop",
+        Path(args.cache),
+        1,
+        60,
+        say=lambda m: None,
+    )
     data = mix(train, None)
     sampler = Sampler(data, 1, 1, 8, 0, 42, tok.pad_token_id, pack_to=args.max_seq_length)
     start_s = time.perf_counter() - t0
@@ -153,11 +187,16 @@ def child_start(args: argparse.Namespace) -> dict:
     read_all_s = time.perf_counter() - t2
     gc.collect()
     after = rss()
-    return dict(examples=len(data), units=len(sampler.units(0)), start_s=start_s,
-                steps_500_s=steps_s, read_every_example_s=read_all_s,
-                rss_mib={k: (ready[k] - before[k]) / 2**20 for k in before},
-                rss_after_500_steps_mib={k: (stepped[k] - before[k]) / 2**20 for k in before},
-                rss_after_reading_all_mib={k: (after[k] - before[k]) / 2**20 for k in before})
+    return dict(
+        examples=len(data),
+        units=len(sampler.units(0)),
+        start_s=start_s,
+        steps_500_s=steps_s,
+        read_every_example_s=read_all_s,
+        rss_mib={k: (ready[k] - before[k]) / 2**20 for k in before},
+        rss_after_500_steps_mib={k: (stepped[k] - before[k]) / 2**20 for k in before},
+        rss_after_reading_all_mib={k: (after[k] - before[k]) / 2**20 for k in before},
+    )
 
 
 def run_child(kind: str, **kw) -> dict:
@@ -188,15 +227,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     full = generate(args.records, work / f"synthetic-{args.records}.jsonl")
-    print(f"generated {full} ({full.stat().st_size / 2**20:.0f} MiB) in "
-          f"{time.perf_counter() - t0:.0f}s", flush=True)
+    print(
+        f"generated {full} ({full.stat().st_size / 2**20:.0f} MiB) in "
+        f"{time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
     seq = dict(max_seq_length=args.max_seq_length)
     old_file = head(full, args.old_records, work / f"head-{args.old_records}.jsonl")
     old = run_child("old", file=old_file, **seq)
     print("today's path", old, flush=True)
     rate_file = head(full, args.rate_records, work / f"head-{args.rate_records}.jsonl")
-    rates = {n: run_child("build", file=rate_file, cache=work / f"cache-rate-{n}",
-                          num_proc=n, **seq) for n in (1, 2)}
+    rates = {
+        n: run_child("build", file=rate_file, cache=work / f"cache-rate-{n}", num_proc=n, **seq)
+        for n in (1, 2)
+    }
     print("first tokenization", rates, flush=True)
     built = run_child("build", file=full, cache=work / "cache", num_proc=2, **seq)
     print("whole set", built, flush=True)
@@ -204,15 +248,22 @@ def main() -> None:
     print("cached start", start, flush=True)
     old_rate = old["records"] / old["seconds"]
     result = dict(
-        records=built["records"], tokens=built["tokens"], max_seq_length=args.max_seq_length,
-        today=dict(records_per_s=old_rate, measured_on=old["records"],
-                   bytes_per_token=old["bytes_per_token"],
-                   est_start_s=built["records"] / old_rate,
-                   est_rss_gib=old["bytes_per_token"] * built["tokens"] / 2**30),
+        records=built["records"],
+        tokens=built["tokens"],
+        max_seq_length=args.max_seq_length,
+        today=dict(
+            records_per_s=old_rate,
+            measured_on=old["records"],
+            bytes_per_token=old["bytes_per_token"],
+            est_start_s=built["records"] / old_rate,
+            est_rss_gib=old["bytes_per_token"] * built["tokens"] / 2**30,
+        ),
         first_tokenization={n: r["records"] / r["seconds"] for n, r in rates.items()},
         speedup_num_proc_2=rates[2]["records"] / rates[2]["seconds"] / old_rate,
-        whole_set_build_s=built["seconds"], cache_gib=built["cache_bytes"] / 2**30,
-        cached_start=start)
+        whole_set_build_s=built["seconds"],
+        cache_gib=built["cache_bytes"] / 2**30,
+        cached_start=start,
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -38,11 +38,22 @@ from trainer.plan import QWEN25, VOCAB  # noqa: E402  (the shapes of DESIGN.md's
 
 # Qwen2.5-1.5B's shape, plus its position range and rope base; "smoke" runs the script on a CPU.
 SHAPES = {
-    "1.5b": dict(QWEN25["1.5b"], vocab_size=VOCAB, max_position_embeddings=32768,
-                 rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}),
-    "smoke": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=256, vocab_size=VOCAB,
-                  tie_word_embeddings=True, max_position_embeddings=4096),
+    "1.5b": dict(
+        QWEN25["1.5b"],
+        vocab_size=VOCAB,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+    ),
+    "smoke": dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        vocab_size=VOCAB,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -74,9 +85,16 @@ def library_versions() -> dict[str, str]:
             out[pkg] = "not installed"
     out["cuda"] = str(torch.version.cuda)
     try:
-        out["driver"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        out["driver"] = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
     except (OSError, IndexError, subprocess.TimeoutExpired):
         out["driver"] = "unknown"
     return out
@@ -109,21 +127,59 @@ VARIANTS = {
 def run_variant(model_dir: Path, out: Path, args: argparse.Namespace, variant: str) -> dict:
     attn, loss, gc = VARIANTS[variant]
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
-           "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
-           "--model_size", args.model_size, "--base_model", str(model_dir),
-           "--output_dir", str(out), "--max_steps", str(args.steps),
-           "--max_seq_length", str(args.seq), "--batch_size", "1",
-           "--gradient_accumulation_steps", "1", "--logging_steps", str(args.log_every),
-           "--save_every_n_steps", "0", "--consolidate", "none", "--resume", "none",
-           "--learning_rate", "2e-5", "--seed", "42", "--attention", attn, "--loss", loss,
-           "--gradient_checkpointing" if gc else "--no-gradient_checkpointing"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "train.py"),
+        "--model_size",
+        args.model_size,
+        "--base_model",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(args.steps),
+        "--max_seq_length",
+        str(args.seq),
+        "--batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "1",
+        "--logging_steps",
+        str(args.log_every),
+        "--save_every_n_steps",
+        "0",
+        "--consolidate",
+        "none",
+        "--resume",
+        "none",
+        "--learning_rate",
+        "2e-5",
+        "--seed",
+        "42",
+        "--attention",
+        attn,
+        "--loss",
+        loss,
+        "--gradient_checkpointing" if gc else "--no-gradient_checkpointing",
+    ]
     if args.bf16:
         cmd.append("--bf16")
     t0 = time.perf_counter()
     # Own session: on a timeout the launcher *and* its rank are killed, freeing the GPU.
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         text, _ = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -141,12 +197,18 @@ def run_variant(model_dir: Path, out: Path, args: argparse.Namespace, variant: s
     import yaml
 
     kernels = yaml.safe_load((out / "config.yaml").read_text()).get("kernels", {})
-    return dict(attention=kernels.get("attention"), loss=kernels.get("loss"), gc=gc,
-                tokens_per_s=sum(r["tokens_per_s"] for r in rows) / len(rows),
-                mfu=sum(r["mfu"] for r in rows) / len(rows),
-                padding=sum(r["padding"] for r in rows) / len(rows),
-                last_loss=rows[-1]["loss"], windows=len(rows),
-                gpu_peak_mem_gib=summary.get("gpu_peak_mem_gib"), wall_s=wall)
+    return dict(
+        attention=kernels.get("attention"),
+        loss=kernels.get("loss"),
+        gc=gc,
+        tokens_per_s=sum(r["tokens_per_s"] for r in rows) / len(rows),
+        mfu=sum(r["mfu"] for r in rows) / len(rows),
+        padding=sum(r["padding"] for r in rows) / len(rows),
+        last_loss=rows[-1]["loss"],
+        windows=len(rows),
+        gpu_peak_mem_gib=summary.get("gpu_peak_mem_gib"),
+        wall_s=wall,
+    )
 
 
 def main() -> None:
@@ -155,8 +217,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--log_every", type=int, default=5)
-    p.add_argument("--variants", default="varlen,varlen-gc,loop,masked,full-loss",
-                   help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default="varlen,varlen-gc,loop,masked,full-loss",
+        help=f"comma-separated, of {', '.join(VARIANTS)}",
+    )
     p.add_argument("--timeout", type=int, default=180, help="seconds per variant")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_gpu")
     args = p.parse_args()
@@ -168,33 +233,47 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else "CPU (no GPU)"
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = make_model_dir(args.shape, args.workdir / f"model_{args.shape}")
-    results = dict(device=device, shape=args.shape, seq=args.seq, steps=args.steps,
-                   versions=library_versions(), variants={})
+    results = dict(
+        device=device,
+        shape=args.shape,
+        seq=args.seq,
+        steps=args.steps,
+        versions=library_versions(),
+        variants={},
+    )
     print(f"[gpu bench] {device}; {json.dumps(results['versions'])}", flush=True)
     for name in args.variants.split(","):
         print(f"[gpu bench] {name} ...", flush=True)
         r = run_variant(model_dir, args.workdir / name, args, name)
         results["variants"][name] = r
-        print(f"[gpu bench] {name}: {json.dumps({k: v for k, v in r.items() if k != 'tail'})}",
-              flush=True)
+        print(
+            f"[gpu bench] {name}: {json.dumps({k: v for k, v in r.items() if k != 'tail'})}",
+            flush=True,
+        )
         if "error" in r:
             print(r["tail"], flush=True)
     (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{device}, {args.shape} shape, seq {args.seq}, micro batch 1, "
-          f"{'bf16' if args.bf16 else 'fp32'}, ZeRO-3, {args.steps} steps; "
-          f"{', '.join(f'{k} {v}' for k, v in results['versions'].items())}\n")
-    print("| variant | attention | loss | gc | tokens/s/GPU | MFU | peak GPU mem (GiB) | "
-          "padding | wall (s) |")
+    print(
+        f"\n{device}, {args.shape} shape, seq {args.seq}, micro batch 1, "
+        f"{'bf16' if args.bf16 else 'fp32'}, ZeRO-3, {args.steps} steps; "
+        f"{', '.join(f'{k} {v}' for k, v in results['versions'].items())}\n"
+    )
+    print(
+        "| variant | attention | loss | gc | tokens/s/GPU | MFU | peak GPU mem (GiB) | "
+        "padding | wall (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results["variants"].items():
         if "error" in r:
             print(f"| {name} | | | | {r['error']} | | | | {r['wall_s']:.0f} |")
             continue
         mem = r["gpu_peak_mem_gib"]
-        print(f"| {name} | {r['attention']} | {r['loss']} | {'on' if r['gc'] else 'off'} | "
-              f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | "
-              f"{'-' if mem is None else f'{mem:.1f}'} | {r['padding']:.1%} | "
-              f"{r['wall_s']:.0f} |")
+        print(
+            f"| {name} | {r['attention']} | {r['loss']} | {'on' if r['gc'] else 'off'} | "
+            f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | "
+            f"{'-' if mem is None else f'{mem:.1f}'} | {r['padding']:.1%} | "
+            f"{r['wall_s']:.0f} |"
+        )
     tps = {n: r["tokens_per_s"] for n, r in results["variants"].items() if "error" not in r}
     if "varlen" in tps and "loop" in tps:
         print(f"\nvarlen / loop tokens/s: {tps['varlen'] / tps['loop']:.2f}x")

@@ -32,8 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from tests.conftest import free_port, qwen_layout_model, run_env  # noqa: E402
 
-LOAD_LINE = re.compile(r"base weights loaded in ([\d.]+)s and checked against the files on every "
-                       r"rank \(rank 0: (\d+) tensors, ([\d.]+) MiB read in ([\d.]+)s")
+LOAD_LINE = re.compile(
+    r"base weights loaded in ([\d.]+)s and checked against the files on every "
+    r"rank \(rank 0: (\d+) tensors, ([\d.]+) MiB read in ([\d.]+)s"
+)
 
 
 def make_model(dest: Path, args: argparse.Namespace) -> int:
@@ -42,10 +44,18 @@ def make_model(dest: Path, args: argparse.Namespace) -> int:
 
     qwen_layout_model(dest)
     config = AutoConfig.from_pretrained(dest)
-    config.update(dict(hidden_size=args.hidden, num_hidden_layers=args.layers,
-                       intermediate_size=args.intermediate, num_attention_heads=args.heads,
-                       num_key_value_heads=args.kv_heads, vocab_size=151936,
-                       layer_types=["full_attention"] * args.layers, tie_word_embeddings=True))
+    config.update(
+        dict(
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            intermediate_size=args.intermediate,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            vocab_size=151936,
+            layer_types=["full_attention"] * args.layers,
+            tie_word_embeddings=True,
+        )
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(dest, max_shard_size="400MB")
@@ -54,16 +64,38 @@ def make_model(dest: Path, args: argparse.Namespace) -> int:
 
 def train_once(base: Path, work: Path, ranks: int, check: bool) -> dict:
     data = work / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Sum {i} numbers.\n",
-                                        "completion": "```q\nsum x\n```"}) + "\n"
-                            for i in range(8)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Sum {i} numbers.\n", "completion": "```q\nsum x\n```"}) + "\n"
+            for i in range(8)
+        )
+    )
     out = work / ("out-check" if check else "out-nocheck")
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), "launch/train.py", "--model_size", "tiny",
-           "--base_model", str(base), "--train_file", str(data), "--output_dir", str(out),
-           "--max_steps", "1", "--save_every_n_steps", "0", "--max_seq_length", "128",
-           "--no-packing", "--load_check" if check else "--no-load_check"]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--model_size",
+        "tiny",
+        "--base_model",
+        str(base),
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "1",
+        "--save_every_n_steps",
+        "0",
+        "--max_seq_length",
+        "128",
+        "--no-packing",
+        "--load_check" if check else "--no-load_check",
+    ]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, env=run_env(work), capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -73,8 +105,12 @@ def train_once(base: Path, work: Path, ranks: int, check: bool) -> dict:
     m = LOAD_LINE.search(res.stdout)
     if check:
         assert m, res.stdout[-3000:]
-        row.update(load_s=float(m.group(1)), tensors=int(m.group(2)),
-                   read_mib=float(m.group(3)), check_s=float(m.group(4)))
+        row.update(
+            load_s=float(m.group(1)),
+            tensors=int(m.group(2)),
+            read_mib=float(m.group(3)),
+            check_s=float(m.group(4)),
+        )
     return row
 
 
@@ -114,9 +150,15 @@ def main() -> None:
     big = args.workdir / "config_32b"
     big.mkdir(exist_ok=True)
     config = json.loads((base / "config.json").read_text())
-    config.update(hidden_size=5120, num_hidden_layers=64, intermediate_size=27648,
-                  num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
-                  layer_types=["full_attention"] * 64)
+    config.update(
+        hidden_size=5120,
+        num_hidden_layers=64,
+        intermediate_size=27648,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        layer_types=["full_attention"] * 64,
+    )
     (big / "config.json").write_text(json.dumps(config))
     t0 = time.perf_counter()
     shapes, _ = expected_tensors(big)
@@ -124,17 +166,31 @@ def main() -> None:
     print(f"meta-device model of the 32B config: {len(shapes)} tensors in {meta32_s:.2f} s")
     rows = [train_once(base, args.workdir, args.ranks, check) for check in (True, False)]
     with_check, without = rows
-    print(f"\n{len(files)} shards, {size / 2**30:.2f} GiB bf16; {args.ranks} ranks, "
-          f"fp32 training\n")
-    print("| header check | from_pretrained (ZeRO-3) | load check (rank 0) | read by rank 0 | "
-          "launch to exit, check on | check off |")
+    print(
+        f"\n{len(files)} shards, {size / 2**30:.2f} GiB bf16; {args.ranks} ranks, fp32 training\n"
+    )
+    print(
+        "| header check | from_pretrained (ZeRO-3) | load check (rank 0) | read by rank 0 | "
+        "launch to exit, check on | check off |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
-    print(f"| {header_s:.2f} s | {with_check['load_s']:.1f} s | {with_check['check_s']:.1f} s | "
-          f"{with_check['read_mib']:.0f} MiB ({with_check['tensors']} tensors) | "
-          f"{with_check['wall_s']:.1f} s | {without['wall_s']:.1f} s |")
-    (args.workdir / "load_check.json").write_text(json.dumps(
-        dict(header_s=header_s, meta_32b_s=meta32_s, runs=rows, shard_bytes=size,
-             ranks=args.ranks), indent=2))
+    print(
+        f"| {header_s:.2f} s | {with_check['load_s']:.1f} s | {with_check['check_s']:.1f} s | "
+        f"{with_check['read_mib']:.0f} MiB ({with_check['tensors']} tensors) | "
+        f"{with_check['wall_s']:.1f} s | {without['wall_s']:.1f} s |"
+    )
+    (args.workdir / "load_check.json").write_text(
+        json.dumps(
+            dict(
+                header_s=header_s,
+                meta_32b_s=meta32_s,
+                runs=rows,
+                shard_bytes=size,
+                ranks=args.ranks,
+            ),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

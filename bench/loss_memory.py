@@ -64,15 +64,31 @@ def main() -> None:
 
     rows = {}
     for method in ("full", "chunked"):
-        res = subprocess.run([sys.executable, __file__, "--method", method, "--vocab",
-                              str(args.vocab), "--tokens", str(args.tokens), "--hidden",
-                              str(args.hidden)], capture_output=True, text=True, cwd=REPO,
-                             env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+        res = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--method",
+                method,
+                "--vocab",
+                str(args.vocab),
+                "--tokens",
+                str(args.tokens),
+                "--hidden",
+                str(args.hidden),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"},
+        )
         if res.returncode != 0:
             raise SystemExit(res.stderr[-3000:])
         rows[method] = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"\nvocab {args.vocab}, {args.tokens} loss tokens, hidden {args.hidden}, fp32, CPU; "
-          f"chunked: {chunk_rows_for(args.vocab)} rows per chunk\n")
+    print(
+        f"\nvocab {args.vocab}, {args.tokens} loss tokens, hidden {args.hidden}, fp32, CPU; "
+        f"chunked: {chunk_rows_for(args.vocab)} rows per chunk\n"
+    )
     print("| loss | peak memory of forward + backward | time (s) |")
     print("|---|---:|---:|")
     for method, r in rows.items():

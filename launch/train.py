@@ -21,8 +21,9 @@ from trainer.faults import RunError  # noqa: E402
 
 # DeepSpeed 0.19.8 still calls torch.distributed's *_into_tensor / *_tensor collectives, which
 # torch 2.13 deprecates with a FutureWarning per call site and rank; the calls work.
-warnings.filterwarnings("ignore", category=FutureWarning,
-                        message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*")
+warnings.filterwarnings(
+    "ignore", category=FutureWarning, message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*"
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,8 +75,12 @@ def run_env(tmp: Path) -> dict[str, str]:
     env.update(
         OMP_NUM_THREADS="1",  # 2 ranks on 2 cores; the deepspeed launcher does not set it
         TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),  # JIT once, then reuse
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-        WANDB_MODE="disabled", QSFT_NO_PROGRESS="1", TMPDIR=str(tmp),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        QSFT_NO_PROGRESS="1",
+        TMPDIR=str(tmp),
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
         # As in an activated venv (and the Makefile): DeepSpeed's JIT op cache is keyed on the
         # compile command, which depends on PATH; a different PATH means a 60 s rebuild.
@@ -85,40 +89,82 @@ def run_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def start(script: str, args: list[str], nproc: int, tmp: Path,
-          env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(
+    script: str, args: list[str], nproc: int, tmp: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start `deepspeed --num_gpus nproc script args` in its own session (a process group).
 
     A new session lets us signal or kill the launcher *and* its ranks: killing only the
     launcher would orphan the ranks (they train on).
     """
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-           str(free_port()), script, *args]
-    return subprocess.Popen(cmd, cwd=REPO, env={**run_env(tmp), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**run_env(tmp), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
-def start_node(node_rank: int, hostfile: Path, port: int, script: str, args: list[str],
-               tmp: Path, env: dict[str, str] | None = None, cwd: Path = REPO
-               ) -> subprocess.Popen:
+def start_node(
+    node_rank: int,
+    hostfile: Path,
+    port: int,
+    script: str,
+    args: list[str],
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> subprocess.Popen:
     """One "node" of a multi-node job on this machine: the per-node launcher mode.
 
     `deepspeed --hostfile H --no_ssh --node_rank N --master_addr 127.0.0.1 --master_port P`
     starts only this node's ranks (as srun does on a cluster); rank 0's node hosts the
     rendezvous. Only loopback is addressed. Own session, like start().
     """
-    cmd = [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank",
-           str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-           str(REPO / script), *args]
-    return subprocess.Popen(cmd, cwd=cwd, env={**run_env(tmp), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh",
+        "--node_rank",
+        str(node_rank),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(REPO / script),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env={**run_env(tmp), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
-def start_two_nodes(tmp: Path, script: str, args: list[str],
-                    envs: tuple[dict | None, dict | None] = (None, None),
-                    cwds: tuple[Path, Path] = (REPO, REPO)) -> list[subprocess.Popen]:
+def start_two_nodes(
+    tmp: Path,
+    script: str,
+    args: list[str],
+    envs: tuple[dict | None, dict | None] = (None, None),
+    cwds: tuple[Path, Path] = (REPO, REPO),
+) -> list[subprocess.Popen]:
     """Both launchers of a 2-node job (hostfile: node0 slots=1, node1 slots=1), started."""
     hostfile = tmp / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -136,9 +182,14 @@ def kill_all(procs: list[subprocess.Popen]) -> None:
             p.communicate(timeout=60)
 
 
-def two_nodes(tmp: Path, script: str, args: list[str], timeout: int = 300,
-              env: dict[str, str] | None = None, cwds: tuple[Path, Path] = (REPO, REPO)
-              ) -> list[subprocess.CompletedProcess]:
+def two_nodes(
+    tmp: Path,
+    script: str,
+    args: list[str],
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
+    cwds: tuple[Path, Path] = (REPO, REPO),
+) -> list[subprocess.CompletedProcess]:
     """Run a 2-node job to the end; returns each node's result."""
     procs = start_two_nodes(tmp, script, args, (env, env), cwds)
     results = []
@@ -152,8 +203,14 @@ def two_nodes(tmp: Path, script: str, args: list[str], timeout: int = 300,
     return results
 
 
-def launch(script: str, args: list[str], nproc: int, tmp: Path, timeout: int = 300,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def launch(
+    script: str,
+    args: list[str],
+    nproc: int,
+    tmp: Path,
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run a launcher job to the end; kill it all and fail the test on timeout."""
     proc = start(script, args, nproc, tmp, env)
     cmd = proc.args
@@ -170,11 +227,29 @@ def train_tiny(tmp: Path, *extra: str, nproc: int = 2, steps: int = 16) -> tuple
     """A short real training run of the tiny model through the launcher; returns (out, log)."""
     out = tmp / "run"
     # 512 tokens, not the demo's 1024: half the work per step, enough for every test here.
-    res = launch("launch/train.py", ["--model_size", "tiny", "--max_seq_length", "512",
-                                     "--output_dir", str(out),
-                                     "--max_steps", str(steps), "--save_steps", str(steps // 2),
-                                     "--eval_steps", str(steps // 2), "--logging_steps", "4",
-                                     *extra], nproc=nproc, tmp=tmp, timeout=400)
+    res = launch(
+        "launch/train.py",
+        [
+            "--model_size",
+            "tiny",
+            "--max_seq_length",
+            "512",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            str(steps),
+            "--save_steps",
+            str(steps // 2),
+            "--eval_steps",
+            str(steps // 2),
+            "--logging_steps",
+            "4",
+            *extra,
+        ],
+        nproc=nproc,
+        tmp=tmp,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stdout[-4000:]
     return out, res.stdout
 

@@ -40,8 +40,7 @@ def impl():
     attention._impl = before
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, causal=True,
-                      gqa=False):
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, causal=True, gqa=False):
     """What flash varlen computes, on CPU: causal attention inside each [cu[i], cu[i+1]).
 
     It also checks what the CUDA kernels require of their inputs: [T, H, D] with a contiguous
@@ -53,36 +52,75 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, causal=T
     assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
     out = torch.empty_like(q)
     for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
-        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None],
-                                           k[s:e].transpose(0, 1)[None],
-                                           v[s:e].transpose(0, 1)[None], is_causal=True,
-                                           scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1)[None],
+            k[s:e].transpose(0, 1)[None],
+            v[s:e].transpose(0, 1)[None],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=gqa,
+        )
         out[s:e] = o[0].transpose(0, 1)
     return out
 
 
-def varlen_213(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-               window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None,
-               num_splits=None):
+def varlen_213(
+    q,
+    k,
+    v,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
     """torch 2.13's signature: causal is window_size (-1, 0)."""
-    return _reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
-                             causal=tuple(window_size) == (-1, 0), gqa=enable_gqa)
+    return _reference_varlen(
+        q,
+        k,
+        v,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        scale=scale,
+        causal=tuple(window_size) == (-1, 0),
+        gqa=enable_gqa,
+    )
 
 
-def varlen_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
-               return_aux=None):
+def varlen_210(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None
+):
     """The first public signature: is_causal; no scale (1/sqrt(head_dim)) and no GQA (key/value
     must have the query's heads)."""
     assert query.shape[1] == key.shape[1]
-    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                             causal=is_causal)
+    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=is_causal)
 
 
-def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False):
+def flash_attn_varlen_func(
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False
+):
     assert dropout_p == 0.0
-    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale,
-                             causal=causal, gqa=q.shape[1] != k.shape[1])
+    return _reference_varlen(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        scale=softmax_scale,
+        causal=causal,
+        gqa=q.shape[1] != k.shape[1],
+    )
 
 
 def _model():
@@ -91,8 +129,9 @@ def _model():
     config = AutoConfig.from_pretrained(ASSETS_DIR / "tiny_model")
     config.use_cache = False
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                             attn_implementation=attention.register("loop"))
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation=attention.register("loop")
+    )
     assert config.num_attention_heads != config.num_key_value_heads  # GQA, as Qwen2.5
     return install(model)
 
@@ -107,8 +146,7 @@ def test_boundaries_are_the_per_example_spans_end_to_end(data):
     mb = _packed_batch(data)
     packed = attention.Packed.from_position_ids(mb["position_ids"])
     width = mb["position_ids"].shape[1]
-    flat = [(r * width + s, r * width + e) for r, spans in enumerate(packed.rows)
-            for s, e in spans]
+    flat = [(r * width + s, r * width + e) for r, spans in enumerate(packed.rows) for s, e in spans]
     assert packed.rows == attention.packed_segments(mb["position_ids"])
     assert packed.cu_seqlens.tolist() == [s for s, _ in flat] + [flat[-1][1]]
     assert packed.max_len == max(e - s for s, e in flat)
@@ -118,8 +156,11 @@ def test_boundaries_are_the_per_example_spans_end_to_end(data):
 @pytest.mark.parametrize("kernel", ["varlen-2.13", "varlen-2.10", "flash"])
 def test_varlen_kernels_equal_the_loop(data, kernel, monkeypatch, impl):
     if kernel == "flash":
-        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
-            flash_attn_varlen_func=flash_attn_varlen_func))
+        monkeypatch.setitem(
+            sys.modules,
+            "flash_attn",
+            types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func),
+        )
     else:
         fake = varlen_213 if kernel == "varlen-2.13" else varlen_210
         monkeypatch.setattr(attention, "_varlen_fn", lambda: fake)
@@ -133,8 +174,7 @@ def test_varlen_kernels_equal_the_loop(data, kernel, monkeypatch, impl):
         attention._impl = name
         loss = summed_loss(model, mb, "cpu")
         loss.backward()
-        losses[name], grads[name] = loss.detach(), {n: p.grad for n, p in
-                                                    model.named_parameters()}
+        losses[name], grads[name] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
     assert calls and set(calls) == {kernel.split("-")[0]}  # 4 layers forward
     ref, got = losses.pop("loop"), losses.popitem()[1]
     assert abs(float(got - ref)) <= 1e-5 * float(ref)
@@ -151,14 +191,23 @@ def test_no_mask_is_built_for_packed_rows_but_one_is_for_padding(data):
     assert config._attn_implementation == attention.NAME
     mb = _packed_batch(data, rows=2)
     embeds = torch.zeros(*mb["input_ids"].shape, config.hidden_size)
-    packed = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None,
-                                cache=None, position_ids=mb["position_ids"])
+    packed = create_causal_mask(
+        config=config,
+        inputs_embeds=embeds,
+        attention_mask=None,
+        cache=None,
+        position_ids=mb["position_ids"],
+    )
     assert packed is None  # transformers' sdpa would build [2, 1, 512, 512] here
     padded = collate(ts.input_ids[:2], ts.labels[:2], tok.pad_token_id)
     embeds = torch.zeros(*padded["input_ids"].shape, config.hidden_size)
-    mask = create_causal_mask(config=config, inputs_embeds=embeds,
-                              attention_mask=padded["attention_mask"], cache=None,
-                              position_ids=None)
+    mask = create_causal_mask(
+        config=config,
+        inputs_embeds=embeds,
+        attention_mask=padded["attention_mask"],
+        cache=None,
+        position_ids=None,
+    )
     assert mask is not None and mask.shape[-1] == padded["input_ids"].shape[1]
 
 
@@ -175,11 +224,25 @@ def test_choices_on_a_cpu():
 
 @CPU_ONLY
 def test_train_refuses_an_unavailable_kernel_in_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "launch/train.py", "--model_size", "tiny",
-                          "--output_dir", str(tmp_path / "o"), "--attention", "varlen"],
-                         cwd=REPO, env=run_env(tmp_path), capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--model_size",
+            "tiny",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--attention",
+            "varlen",
+        ],
+        cwd=REPO,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [x for x in res.stderr.splitlines() if x.startswith("qsft: error:")]
-    assert errors == ["qsft: error: --attention varlen: runs on CUDA GPUs only, and this rank "
-                      "has none"], res.stderr[-2000:]
+    assert errors == [
+        "qsft: error: --attention varlen: runs on CUDA GPUs only, and this rank has none"
+    ], res.stderr[-2000:]

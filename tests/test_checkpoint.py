@@ -69,8 +69,11 @@ def _with_files(root, step, consolidated=False):
     if consolidated:
         (d / "consolidated").mkdir()
         (d / "consolidated" / "model.safetensors").write_bytes(b"m" * 50)
-    files = {str(f.relative_to(d)): f.stat().st_size for f in d.rglob("*")
-             if f.is_file() and "consolidated" not in f.parts}
+    files = {
+        str(f.relative_to(d)): f.stat().st_size
+        for f in d.rglob("*")
+        if f.is_file() and "consolidated" not in f.parts
+    }
     (d / COMPLETE).write_text(json.dumps({"step": step, "world_size": 2, "files": files}))
     return d
 
@@ -80,25 +83,32 @@ def test_retention_keeps_every_model_but_only_the_newest_states(tmp_path):
     for step in (10, 20, 30, 40, 50):
         _with_files(root, step, consolidated=step != 50)  # 50: just saved, not yet consolidated
     (root / "latest").write_text("checkpoint-50")
-    state = TrainerState(step=50, eval_history=[
-        {"step": 10, "eval_loss": 3.0}, {"step": 20, "eval_loss": 1.0},
-        {"step": 30, "eval_loss": 2.0}, {"step": 40, "eval_loss": 2.5}])
+    state = TrainerState(
+        step=50,
+        eval_history=[
+            {"step": 10, "eval_loss": 3.0},
+            {"step": 20, "eval_loss": 1.0},
+            {"step": 30, "eval_loss": 2.0},
+            {"step": 40, "eval_loss": 2.5},
+        ],
+    )
     changes = prune(tmp_path, keep_last=2, keep_best=True, state=state)
-    assert changes == ["removed the resumable state of checkpoint-10, kept "
-                       "checkpoint-10/consolidated",
-                       "removed the resumable state of checkpoint-30, kept "
-                       "checkpoint-30/consolidated"]
+    assert changes == [
+        "removed the resumable state of checkpoint-10, kept checkpoint-10/consolidated",
+        "removed the resumable state of checkpoint-30, kept checkpoint-30/consolidated",
+    ]
     # The newest two and the best keep their state; every model stays.
     assert [p.name for p in complete_checkpoints(root)] == [
-        "checkpoint-20", "checkpoint-40", "checkpoint-50"]
-    assert sorted(f.name for f in (root / "checkpoint-10").iterdir()) == ["PRUNED",
-                                                                         "consolidated"]
+        "checkpoint-20",
+        "checkpoint-40",
+        "checkpoint-50",
+    ]
+    assert sorted(f.name for f in (root / "checkpoint-10").iterdir()) == ["PRUNED", "consolidated"]
     assert all((root / f"checkpoint-{s}" / "consolidated").is_dir() for s in (10, 20, 30, 40))
     # Models beyond the newest K go too; a tag left with nothing is removed whole.
     changes = prune(tmp_path, keep_last=2, keep_best=False, state=state, keep_consolidated=1)
     assert changes == ["removed checkpoint-10", "removed checkpoint-20", "removed checkpoint-30"]
-    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-40",
-                                                                "checkpoint-50"]
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-40", "checkpoint-50"]
 
 
 def test_retention_keeps_states_it_promised_and_finishes_a_half_done_prune(tmp_path):
@@ -107,10 +117,12 @@ def test_retention_keeps_states_it_promised_and_finishes_a_half_done_prune(tmp_p
         _with_files(root, step, consolidated=True)
     (root / "latest").write_text("checkpoint-30")
     # --keep_last 3 keeps every state, --keep_consolidated 1 only the newest model.
-    assert prune(tmp_path, keep_last=3, keep_best=False, state=TrainerState(step=30),
-                 keep_consolidated=1) == [
+    assert prune(
+        tmp_path, keep_last=3, keep_best=False, state=TrainerState(step=30), keep_consolidated=1
+    ) == [
         "removed checkpoint-10/consolidated, kept its resumable state",
-        "removed checkpoint-20/consolidated, kept its resumable state"]
+        "removed checkpoint-20/consolidated, kept its resumable state",
+    ]
     assert len(complete_checkpoints(root)) == 3
     # A crash halfway through pruning 30's state: PRUNED written, a shard left behind. It is
     # no longer resumable, and the next prune removes what is left.
@@ -121,10 +133,10 @@ def test_retention_keeps_states_it_promised_and_finishes_a_half_done_prune(tmp_p
     assert [p.name for p in complete_checkpoints(root)][-1] == "checkpoint-40"
     assert "checkpoint-30" not in [p.name for p in complete_checkpoints(root)]
     changes = prune(tmp_path, keep_last=3, keep_best=False, state=TrainerState(step=40))
-    assert changes == ["removed the resumable state of checkpoint-30, kept "
-                       "checkpoint-30/consolidated"]
-    assert sorted(f.name for f in (root / "checkpoint-30").iterdir()) == ["PRUNED",
-                                                                         "consolidated"]
+    assert changes == [
+        "removed the resumable state of checkpoint-30, kept checkpoint-30/consolidated"
+    ]
+    assert sorted(f.name for f in (root / "checkpoint-30").iterdir()) == ["PRUNED", "consolidated"]
 
 
 def test_retention_never_touches_latest_nor_a_state_still_to_be_consolidated(tmp_path):
@@ -134,13 +146,18 @@ def test_retention_never_touches_latest_nor_a_state_still_to_be_consolidated(tmp
     (root / "latest").write_text("checkpoint-10")  # e.g. the run went back to 10 explicitly
     state = TrainerState(step=30)
     # 20's consolidation was wanted and has not succeeded: its state is what a retry needs.
-    changes = prune(tmp_path, keep_last=1, keep_best=False, state=state,
-                    wanted=lambda step: step == 20)
+    changes = prune(
+        tmp_path, keep_last=1, keep_best=False, state=state, wanted=lambda step: step == 20
+    )
     assert changes == []
     assert [p.name for p in complete_checkpoints(root)] == [
-        "checkpoint-10", "checkpoint-20", "checkpoint-30"]
+        "checkpoint-10",
+        "checkpoint-20",
+        "checkpoint-30",
+    ]
     assert prune(tmp_path, keep_last=1, keep_best=False, state=state) == [
-        "removed checkpoint-20"]  # not wanted: nothing worth keeping without its state
+        "removed checkpoint-20"
+    ]  # not wanted: nothing worth keeping without its state
     assert prune(tmp_path, keep_last=0, keep_best=False, state=state) == []
 
 
@@ -152,10 +169,14 @@ def test_auto_falls_back_past_a_damaged_checkpoint_and_an_explicit_one_is_refuse
     shard.write_bytes(b"s" * 60)  # truncated, as a full disk or a killed copy leaves it
     point = find_resume_point(_cfg(tmp_path))
     assert point.tag_dir.name == "checkpoint-10"
-    assert point.damaged == [f"checkpoint-20 is damaged ({shard}: 60 bytes, the checkpoint "
-                             f"recorded 100)"]
-    with pytest.raises(ConfigError, match=r"--resume .*checkpoint-20: damaged checkpoint: .*"
-                                          r"optim_states.pt: 60 bytes"):
+    assert point.damaged == [
+        f"checkpoint-20 is damaged ({shard}: 60 bytes, the checkpoint recorded 100)"
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"--resume .*checkpoint-20: damaged checkpoint: .*"
+        r"optim_states.pt: 60 bytes",
+    ):
         find_resume_point(_cfg(tmp_path, "--resume", str(root / "checkpoint-20")))
     (root / "checkpoint-10" / "trainer_state.pt").unlink()
     with pytest.raises(ConfigError, match=r"no usable checkpoint .*trainer_state.pt: missing"):
@@ -174,14 +195,16 @@ def test_resume_guard_names_each_changed_input(tmp_path):
     point = find_resume_point(cfg)
     assert check_inputs(point, fingerprint(cfg, 8), allow=False) == []
     changed = _cfg(tmp_path, "--seed", "7", "--max_seq_length", "256", "--no-packing")
-    with pytest.raises(ConfigError, match=r"other inputs: seed 42 -> 7; max_seq_length 1024 -> "
-                                          r"256; packing True -> False; global_batch 8 -> 16 .*"
-                                          r"--resume_allow_changes"):
+    with pytest.raises(
+        ConfigError,
+        match=r"other inputs: seed 42 -> 7; max_seq_length 1024 -> "
+        r"256; packing True -> False; global_batch 8 -> 16 .*"
+        r"--resume_allow_changes",
+    ):
         check_inputs(point, fingerprint(changed, 16), allow=False)
     train = tmp_path / "train.jsonl"
     train.write_text(cfg.train_paths[0].read_text())
-    same_content = _cfg(tmp_path, "--train_file", str(train), "--eval_file",
-                        str(cfg.eval_paths[0]))
+    same_content = _cfg(tmp_path, "--train_file", str(train), "--eval_file", str(cfg.eval_paths[0]))
     assert check_inputs(point, fingerprint(same_content, 8), allow=False) == []  # moved only
     train.write_text(train.read_text() + train.read_text().splitlines()[0] + "\n")
     diffs = check_inputs(point, fingerprint(same_content, 8), allow=True)  # logged, no error
@@ -229,11 +252,21 @@ def test_resume_refuses_another_prompt_format_or_end_token(tmp_path):
     # Written before formats were recorded: every run then used the chat template.
     old = find_resume_point(_cfg(tmp_path))
     check_format(old, _info("chat"), "chat")
-    with pytest.raises(ConfigError, match=r"trained in the chat prompt format, this run would "
-                                          r"train raw \(--prompt_format auto picks it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"trained in the chat prompt format, this run would "
+        r"train raw \(--prompt_format auto picks it",
+    ):
         check_format(old, _info("raw"), "auto")
-    marker.write_text(json.dumps({"step": 10, "world_size": 2, "data_format": {
-        "prompt_format": "raw", "end_tokens": [0]}}))
+    marker.write_text(
+        json.dumps(
+            {
+                "step": 10,
+                "world_size": 2,
+                "data_format": {"prompt_format": "raw", "end_tokens": [0]},
+            }
+        )
+    )
     point = find_resume_point(_cfg(tmp_path))
     check_format(point, _info("raw", [0]), "auto")
     with pytest.raises(ConfigError, match="pass --prompt_format raw to continue it"):

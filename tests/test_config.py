@@ -36,8 +36,11 @@ def test_shipped_config_validates(path):
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3
     # Bucket sizes are pinned numbers derived from the hidden size (ds_configs/README.md).
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
-                "stage3_param_persistence_threshold"):
+    for key in (
+        "reduce_bucket_size",
+        "stage3_prefetch_bucket_size",
+        "stage3_param_persistence_threshold",
+    ):
         assert isinstance(zero[key], int)
 
 
@@ -60,40 +63,54 @@ def _with(mutate):
 
 
 BROKEN = {
-    "misspelt top-level key": (lambda c: c.update(gradient_clippping=1.0),
-                               "gradient_clippping"),
-    "suggests the right key": (lambda c: c.update(gradient_clippping=1.0),
-                               "did you mean 'gradient_clipping'"),
-    "misspelt zero key": (lambda c: c["zero_optimization"].update(stage3_prefetch_bucket_sise=1),
-                          "zero_optimization.stage3_prefetch_bucket_sise"),
+    "misspelt top-level key": (lambda c: c.update(gradient_clippping=1.0), "gradient_clippping"),
+    "suggests the right key": (
+        lambda c: c.update(gradient_clippping=1.0),
+        "did you mean 'gradient_clipping'",
+    ),
+    "misspelt zero key": (
+        lambda c: c["zero_optimization"].update(stage3_prefetch_bucket_sise=1),
+        "zero_optimization.stage3_prefetch_bucket_sise",
+    ),
     "misspelt offload key": (
         lambda c: c["zero_optimization"].update(offload_optimizer={"devise": "cpu"}),
-        "zero_optimization.offload_optimizer.devise"),
+        "zero_optimization.offload_optimizer.devise",
+    ),
     "misspelt bf16 key": (lambda c: c["bf16"].update(enable=True), "bf16.enable"),
     "stage 2": (lambda c: c["zero_optimization"].update(stage=2), "zero_optimization.stage"),
     "no gather on save": (
         lambda c: c["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False),
-        "stage3_gather_16bit_weights_on_model_save"),
+        "stage3_gather_16bit_weights_on_model_save",
+    ),
     "bf16 and fp16": (lambda c: c.update(fp16={"enabled": True}), "bf16.enabled and fp16"),
     "string boolean": (lambda c: c["bf16"].update(enabled="false"), "bf16.enabled must be"),
     "bad offload device": (
         lambda c: c["zero_optimization"].update(offload_optimizer={"device": "gpu"}),
-        "offload_optimizer.device"),
+        "offload_optimizer.device",
+    ),
     "nvme without path": (
-        lambda c: c.update(optimizer={"type": "AdamW"}) or c["zero_optimization"].update(
-            offload_param={"device": "nvme"}), "nvme_path"),
+        lambda c: (
+            c.update(optimizer={"type": "AdamW"})
+            or c["zero_optimization"].update(offload_param={"device": "nvme"})
+        ),
+        "nvme_path",
+    ),
     "offload without ds optimizer": (
         lambda c: c["zero_optimization"].update(offload_optimizer={"device": "cpu"}),
-        "needs a DeepSpeed 'optimizer' block"),
-    "auto value": (lambda c: c["zero_optimization"].update(reduce_bucket_size="auto"),
-                   "zero_optimization.reduce_bucket_size: \"auto\""),
+        "needs a DeepSpeed 'optimizer' block",
+    ),
+    "auto value": (
+        lambda c: c["zero_optimization"].update(reduce_bucket_size="auto"),
+        'zero_optimization.reduce_bucket_size: "auto"',
+    ),
     "negative clipping": (lambda c: c.update(gradient_clipping=-1), "gradient_clipping"),
     "scheduler block": (lambda c: c.update(scheduler={"type": "WarmupLR"}), "scheduler"),
     "unsupported feature": (lambda c: c.update(pipeline={"stages": 2}), "'pipeline'"),
     "unknown optimizer": (lambda c: c.update(optimizer={"type": "Lamb"}), "optimizer.type"),
     "misspelt optimizer param": (
         lambda c: c.update(optimizer={"type": "AdamW", "params": {"betas1": 0.9}}),
-        "optimizer.params.betas1"),
+        "optimizer.params.betas1",
+    ),
     "no zero section": (lambda c: c.pop("zero_optimization"), "zero_optimization"),
     "zero not an object": (lambda c: c.update(zero_optimization=3), "zero_optimization"),
 }
@@ -124,20 +141,26 @@ def _run_cfg(tmp_path, *extra):
 def test_train_batch_size_checked_against_world(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(dict(BASE, train_batch_size=64, bf16={"enabled": False})))
-    cfg = _run_cfg(tmp_path, "--ds_config", str(ds), "--batch_size", "2",
-                   "--gradient_accumulation_steps", "8")
+    cfg = _run_cfg(
+        tmp_path, "--ds_config", str(ds), "--batch_size", "2", "--gradient_accumulation_steps", "8"
+    )
     with pytest.raises(ConfigError) as e:
         resolve_ds_config(cfg, world_size=2)
-    assert ("train_batch_size 64 != micro 2 x grad_accum 8 x world 2 = 32; set "
-            "gradient_accumulation_steps to 16") in str(e.value)
+    assert (
+        "train_batch_size 64 != micro 2 x grad_accum 8 x world 2 = 32; set "
+        "gradient_accumulation_steps to 16"
+    ) in str(e.value)
     assert resolve_ds_config(cfg, world_size=4)["train_batch_size"] == 64
 
 
 def test_resolve_fills_batch_and_precision(tmp_path):
     cfg = _run_cfg(tmp_path, "--batch_size", "3", "--gradient_accumulation_steps", "5")
     ds = resolve_ds_config(cfg, world_size=2)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
-            ds["train_batch_size"]) == (3, 5, 30)
+    assert (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+    ) == (3, 5, 30)
     assert ds["bf16"]["enabled"] is False  # tiny runs fp32 on CPU
     ds = resolve_ds_config(_run_cfg(tmp_path, "--bf16"), world_size=1)
     assert ds["bf16"]["enabled"] is True
@@ -146,9 +169,18 @@ def test_resolve_fills_batch_and_precision(tmp_path):
 def test_offload_config_gets_run_lr(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    cfg = parse_run_config(["--model_size", "32b", "--base_model", str(tmp_path / "m"),
-                            "--output_dir", str(tmp_path), "--ds_config",
-                            str(DS_CONFIG_DIR / "zero3_32b_offload.json")])
+    cfg = parse_run_config(
+        [
+            "--model_size",
+            "32b",
+            "--base_model",
+            str(tmp_path / "m"),
+            "--output_dir",
+            str(tmp_path),
+            "--ds_config",
+            str(DS_CONFIG_DIR / "zero3_32b_offload.json"),
+        ]
+    )
     ds = resolve_ds_config(cfg, world_size=8)
     assert ds["optimizer"]["params"]["lr"] == 4e-6
     assert ds["train_batch_size"] == 1 * 8 * 8
@@ -157,13 +189,30 @@ def test_offload_config_gets_run_lr(tmp_path):
 def test_size_defaults_and_overrides(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    big = parse_run_config(["--model_size", "14b", "--base_model", str(tmp_path / "m"),
-                            "--output_dir", str(tmp_path)])
-    assert (big.learning_rate, big.save_every_n_steps, big.batch_size,
-            big.gradient_accumulation_steps, big.max_steps) == (4e-6, 50, 1, 8, 1000)
-    small = parse_run_config(["--model_size", "7b", "--base_model", str(tmp_path / "m"),
-                              "--output_dir", str(tmp_path), "--save_steps", "7",
-                              "--learning_rate", "1e-4"])
+    big = parse_run_config(
+        ["--model_size", "14b", "--base_model", str(tmp_path / "m"), "--output_dir", str(tmp_path)]
+    )
+    assert (
+        big.learning_rate,
+        big.save_every_n_steps,
+        big.batch_size,
+        big.gradient_accumulation_steps,
+        big.max_steps,
+    ) == (4e-6, 50, 1, 8, 1000)
+    small = parse_run_config(
+        [
+            "--model_size",
+            "7b",
+            "--base_model",
+            str(tmp_path / "m"),
+            "--output_dir",
+            str(tmp_path),
+            "--save_steps",
+            "7",
+            "--learning_rate",
+            "1e-4",
+        ]
+    )
     assert (small.learning_rate, small.save_every_n_steps) == (1e-4, 7)
     assert small.resolved_warmup_steps == 30  # 3% of 1000 steps
 
@@ -182,11 +231,15 @@ BAD_FLAGS = {
     "negative save interval": (["--save_steps", "-1"], "--save_every_n_steps"),
     "keep without saves": (["--save_steps", "0", "--keep_last", "2"], "saves none"),
     "zero rank timeout": (["--rank_timeout_s", "0"], "--rank_timeout_s"),
-    "steps and epochs": (["--max_steps", "10", "--num_epochs", "2"],
-                         "give --max_steps or --num_epochs, not both"),
+    "steps and epochs": (
+        ["--max_steps", "10", "--num_epochs", "2"],
+        "give --max_steps or --num_epochs, not both",
+    ),
     "weights without files": (["--train_weights", "1"], "--train_weights: 1 weight(s) for 0"),
-    "weights per file": (["--train_file", "a.jsonl", "b.jsonl", "--train_weights", "1"],
-                         "--train_weights: 1 weight(s) for 2 --train_file(s)"),
+    "weights per file": (
+        ["--train_file", "a.jsonl", "b.jsonl", "--train_weights", "1"],
+        "--train_weights: 1 weight(s) for 2 --train_file(s)",
+    ),
     "zero weight": (["--train_file", "a", "b", "--train_weights", "1", "0"], "above 0"),
     "file twice": (["--train_file", "a.jsonl", "a.jsonl"], "a.jsonl is given twice"),
     "negative eval interval": (["--eval_steps", "-1"], "--eval_steps"),
@@ -194,9 +247,23 @@ BAD_FLAGS = {
 
 
 def test_several_files_weights_and_epochs_parse(tmp_path):
-    cfg = _run_cfg(tmp_path, "--train_file", "a.jsonl", "b.parquet", "--train_weights", "0.7",
-                   "0.3", "--eval_file", "x.jsonl", "y.jsonl", "--num_epochs", "2.5",
-                   "--eval_steps", "0", "--no-eval_at_start")
+    cfg = _run_cfg(
+        tmp_path,
+        "--train_file",
+        "a.jsonl",
+        "b.parquet",
+        "--train_weights",
+        "0.7",
+        "0.3",
+        "--eval_file",
+        "x.jsonl",
+        "y.jsonl",
+        "--num_epochs",
+        "2.5",
+        "--eval_steps",
+        "0",
+        "--no-eval_at_start",
+    )
     assert cfg.train_paths == [Path("a.jsonl"), Path("b.parquet")]
     assert cfg.eval_paths == [Path("x.jsonl"), Path("y.jsonl")]
     # max_steps is worked out from the data at start (trainer.loop.setup)
@@ -227,20 +294,41 @@ def test_launcher_local_rank_flag_is_accepted(tmp_path):
 def test_check_cli(tmp_path):
     bad = tmp_path / "typo.json"
     bad.write_text(json.dumps(dict(BASE, gradient_clippping=1.0)))
-    ok = subprocess.run([sys.executable, "-m", "trainer.config", "check", *map(str, SHIPPED)],
-                        cwd=REPO, capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "trainer.config", "check", *map(str, SHIPPED)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("ok ") == len(SHIPPED)
-    fail = subprocess.run([sys.executable, "-m", "trainer.config", "check", str(bad)],
-                          cwd=REPO, capture_output=True, text=True)
+    fail = subprocess.run(
+        [sys.executable, "-m", "trainer.config", "check", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert fail.returncode == 2
     assert "typo.json: unknown top-level key 'gradient_clippping'" in fail.stderr
 
 
 def test_train_entry_exits_2_on_bad_flag_before_loading(tmp_path):
-    out = subprocess.run([sys.executable, "launch/train.py", "--model_size", "tiny",
-                          "--output_dir", str(tmp_path / "o"), "--learning_rate", "-3"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--model_size",
+            "tiny",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--learning_rate",
+            "-3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     lines = [x for x in out.stderr.splitlines() if x.startswith("qsft: error:")]
     assert lines and "--learning_rate" in lines[0]
@@ -248,8 +336,13 @@ def test_train_entry_exits_2_on_bad_flag_before_loading(tmp_path):
 
 
 def test_help_lists_every_flag():
-    out = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "launch/train.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     for flag in ("--model_size", "--warmup_steps", "--save_steps", "--no-packing", "--keep_last"):
         assert flag in out.stdout

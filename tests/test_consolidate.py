@@ -64,13 +64,15 @@ def test_sharded_bf16_output_loads_and_matches(trained, tmp_path):
 
     out, _ = trained
     tag = out / "checkpoints" / "checkpoint-16"
-    manifest = consolidate(tag, tmp_path / "c", dtype=torch.bfloat16,
-                           max_shard_size=parse_size("2MB"), verify=True)
+    manifest = consolidate(
+        tag, tmp_path / "c", dtype=torch.bfloat16, max_shard_size=parse_size("2MB"), verify=True
+    )
     assert len(manifest["weight_files"]) > 3
     index = json.loads((tmp_path / "c" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(manifest["weight_files"])
-    assert all((tmp_path / "c" / f).stat().st_size <= 2_000_000 + 200_000
-               for f in manifest["weight_files"])  # one tensor may exceed; none here
+    assert all(
+        (tmp_path / "c" / f).stat().st_size <= 2_000_000 + 200_000 for f in manifest["weight_files"]
+    )  # one tensor may exceed; none here
     ref = _deepspeed_fp32(out / "checkpoints", "checkpoint-16")
     ours = _load_dir(tmp_path / "c")
     for k, v in ours.items():
@@ -87,8 +89,9 @@ def test_sharded_bf16_output_loads_and_matches(trained, tmp_path):
 def test_verify_catches_a_wrong_probe(trained, tmp_path):
     out, _ = trained
     tag = tmp_path / "checkpoint-16"
-    shutil.copytree(out / "checkpoints" / "checkpoint-16", tag,
-                    ignore=shutil.ignore_patterns("consolidated"))
+    shutil.copytree(
+        out / "checkpoints" / "checkpoint-16", tag, ignore=shutil.ignore_patterns("consolidated")
+    )
     probe = torch.load(tag / "hf" / "verify_probe.pt")
     probe["lse"] = probe["lse"] + 0.5  # as if the weights had drifted from the live engine
     torch.save(probe, tag / "hf" / "verify_probe.pt")
@@ -119,20 +122,44 @@ def _corrupt(kind: str, tag):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing rank shard", "truncated shard", "corrupt shard",
-                                  "world size mismatch", "shards from another run"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing rank shard",
+        "truncated shard",
+        "corrupt shard",
+        "world size mismatch",
+        "shards from another run",
+    ],
+)
 def test_bad_checkpoint_exits_2_naming_the_file(kind, trained, trained_untied, tmp_path):
     tag = tmp_path / "checkpoint-16"
-    shutil.copytree(trained[0] / "checkpoints" / "checkpoint-16", tag,
-                    ignore=shutil.ignore_patterns("consolidated"))
+    shutil.copytree(
+        trained[0] / "checkpoints" / "checkpoint-16",
+        tag,
+        ignore=shutil.ignore_patterns("consolidated"),
+    )
     if kind == "shards from another run":
         shutil.copytree(trained_untied[0] / "checkpoints" / "checkpoint-4", tmp_path / "other")
     expected = _corrupt(kind, tag)
     # The reader's own checks, as for a tag without the trainer's marker (the marker's size
     # check, which comes first otherwise, is tested in test_faults).
-    res = subprocess.run([sys.executable, "-m", "trainer.consolidate", str(tag), "--out",
-                          str(tmp_path / "out"), "--allow_incomplete"], cwd=REPO,
-                         env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.consolidate",
+            str(tag),
+            "--out",
+            str(tmp_path / "out"),
+            "--allow_incomplete",
+        ],
+        cwd=REPO,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [x for x in res.stderr.splitlines() if x.startswith("consolidate: error:")]
     assert len(errors) == 1 and expected in errors[0], res.stderr[-2000:]
@@ -142,20 +169,43 @@ def test_bad_checkpoint_exits_2_naming_the_file(kind, trained, trained_untied, t
 def test_existing_output_is_refused(trained, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    res = subprocess.run([sys.executable, "-m", "trainer.consolidate",
-                          str(trained[0] / "checkpoints"), "--out", str(tmp_path / "out")],
-                         cwd=REPO, env=run_env(tmp_path), capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.consolidate",
+            str(trained[0] / "checkpoints"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2
     assert "out: already exists" in res.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
 def test_cli_uses_latest_and_training_dtype(trained, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "trainer.consolidate",
-                          str(trained[0] / "checkpoints"), "--out", str(tmp_path / "c"),
-                          "--verify"], cwd=REPO, env=run_env(tmp_path), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.consolidate",
+            str(trained[0] / "checkpoints"),
+            "--out",
+            str(tmp_path / "c"),
+            "--verify",
+        ],
+        cwd=REPO,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["source_tag"] == "checkpoint-16" and manifest["dtype"] == "float32"

@@ -43,42 +43,62 @@ def _broken_files(tmp_path):
 
     cases = {}
     cases["missing file"] = (tmp_path / "nope.jsonl", "nope.jsonl: file not found")
-    cases["malformed json"] = (_jsonl(tmp_path / "a.jsonl", [GOOD, '{"prompt": "x",']),
-                               "a.jsonl:line 2: invalid JSON")
-    cases["missing keys"] = (_jsonl(tmp_path / "b.jsonl", [GOOD, GOOD, {"question": "x"}]),
-                             "b.jsonl:line 3: record needs 'prompt' and 'completion'")
-    cases["empty completion"] = (_jsonl(tmp_path / "c.jsonl", [{"prompt": "p",
-                                                                "completion": "  \n"}]),
-                                 "c.jsonl:line 1: empty completion")
-    cases["wrong type"] = (_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": 3}]),
-                           "d.jsonl:line 1: 'completion' must be a string")
+    cases["malformed json"] = (
+        _jsonl(tmp_path / "a.jsonl", [GOOD, '{"prompt": "x",']),
+        "a.jsonl:line 2: invalid JSON",
+    )
+    cases["missing keys"] = (
+        _jsonl(tmp_path / "b.jsonl", [GOOD, GOOD, {"question": "x"}]),
+        "b.jsonl:line 3: record needs 'prompt' and 'completion'",
+    )
+    cases["empty completion"] = (
+        _jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "completion": "  \n"}]),
+        "c.jsonl:line 1: empty completion",
+    )
+    cases["wrong type"] = (
+        _jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": 3}]),
+        "d.jsonl:line 1: 'completion' must be a string",
+    )
     bad_utf8 = tmp_path / "e.jsonl"
     bad_utf8.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "\xff"}\n')
     cases["invalid utf-8"] = (bad_utf8, "e.jsonl:line 2: invalid UTF-8")
-    cases["not an object"] = (_jsonl(tmp_path / "f.jsonl", ["[1, 2]"]),
-                              "f.jsonl:line 1: expected a JSON object")
+    cases["not an object"] = (
+        _jsonl(tmp_path / "f.jsonl", ["[1, 2]"]),
+        "f.jsonl:line 1: expected a JSON object",
+    )
     cases["empty file"] = (_jsonl(tmp_path / "g.jsonl", []), "g.jsonl: no records")
     cases["no assistant turn"] = (
         _jsonl(tmp_path / "h.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]),
-        "h.jsonl:line 1: no assistant message")
+        "h.jsonl:line 1: no assistant message",
+    )
     user, bot = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
     system = {"role": "system", "content": "s"}
     cases["assistant first"] = (
         _jsonl(tmp_path / "m1.jsonl", [GOOD, {"messages": [system, bot, user, bot]}]),
-        "m1.jsonl:line 2: messages[1] is an assistant turn before any user turn")
-    cases["no user turn"] = (_jsonl(tmp_path / "m2.jsonl", [{"messages": [system, bot]}]),
-                             "m2.jsonl:line 1: no user message")
-    cases["ends with user"] = (_jsonl(tmp_path / "m3.jsonl", [{"messages": [user, bot, user]}]),
-                               "m3.jsonl:line 1: ends with a user turn (messages[2])")
+        "m1.jsonl:line 2: messages[1] is an assistant turn before any user turn",
+    )
+    cases["no user turn"] = (
+        _jsonl(tmp_path / "m2.jsonl", [{"messages": [system, bot]}]),
+        "m2.jsonl:line 1: no user message",
+    )
+    cases["ends with user"] = (
+        _jsonl(tmp_path / "m3.jsonl", [{"messages": [user, bot, user]}]),
+        "m3.jsonl:line 1: ends with a user turn (messages[2])",
+    )
     cases["bad role"] = (
         _jsonl(tmp_path / "i.jsonl", [{"messages": [{"role": "bot", "content": "hi"}]}]),
-        "i.jsonl:line 1: messages[0].role")
+        "i.jsonl:line 1: messages[0].role",
+    )
     pq.write_table(pa.table({"prompt": ["a", "b"], "answer": ["x", "y"]}), tmp_path / "j.parquet")
-    cases["parquet missing column"] = (tmp_path / "j.parquet",
-                                       "j.parquet: missing column(s) 'completion'")
+    cases["parquet missing column"] = (
+        tmp_path / "j.parquet",
+        "j.parquet: missing column(s) 'completion'",
+    )
     pq.write_table(pa.table({"prompt": ["a", "b"], "completion": [1, 2]}), tmp_path / "l.parquet")
-    cases["parquet wrong type"] = (tmp_path / "l.parquet",
-                                   "l.parquet:row 0: 'completion' must be a string")
+    cases["parquet wrong type"] = (
+        tmp_path / "l.parquet",
+        "l.parquet:row 0: 'completion' must be a string",
+    )
     (tmp_path / "k.parquet").write_bytes(b"PAR1 not really")
     cases["corrupt parquet"] = (tmp_path / "k.parquet", "k.parquet: not a readable parquet")
     (tmp_path / "emptydir").mkdir()
@@ -86,11 +106,25 @@ def _broken_files(tmp_path):
     return cases
 
 
-CASE_NAMES = ["missing file", "malformed json", "missing keys", "empty completion", "wrong type",
-              "invalid utf-8", "not an object", "empty file", "no assistant turn",
-              "assistant first", "no user turn", "ends with user", "bad role",
-              "parquet missing column", "parquet wrong type", "corrupt parquet",
-              "dir without dataset"]
+CASE_NAMES = [
+    "missing file",
+    "malformed json",
+    "missing keys",
+    "empty completion",
+    "wrong type",
+    "invalid utf-8",
+    "not an object",
+    "empty file",
+    "no assistant turn",
+    "assistant first",
+    "no user turn",
+    "ends with user",
+    "bad role",
+    "parquet missing column",
+    "parquet wrong type",
+    "corrupt parquet",
+    "dir without dataset",
+]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -105,8 +139,10 @@ def test_bad_data_rejected_with_file_and_line(name, tmp_path):
 def test_loads_jsonl_parquet_and_dataset_dir(tmp_path):
     import datasets
 
-    recs = [GOOD, {"messages": [{"role": "user", "content": "q"},
-                                {"role": "assistant", "content": "a"}]}]
+    recs = [
+        GOOD,
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
     assert load_records(_jsonl(tmp_path / "x.jsonl", recs)) == recs
     datasets.Dataset.from_list([GOOD, GOOD]).to_parquet(str(tmp_path / "x.parquet"))
     assert load_records(tmp_path / "x.parquet") == [GOOD, GOOD]
@@ -117,8 +153,10 @@ def test_loads_jsonl_parquet_and_dataset_dir(tmp_path):
 # Every format and masking test runs against both tokenizers: the demo's (EOS = <|im_end|>,
 # the chat template's end of turn) and one with a Qwen2.5 base release's layout (EOS and pad
 # <|endoftext|>, distinct from <|im_end|>; Qwen2.5's template with its default system prompt).
-QWEN_SYSTEM = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
-               "assistant.<|im_end|>\n")
+QWEN_SYSTEM = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\n"
+)
 
 
 @pytest.fixture(scope="module", params=["demo", "qwen25"])
@@ -129,8 +167,9 @@ def fmt_tok(request, tmp_path_factory):
 
 
 def _trained(tok, enc) -> str:
-    return tok.decode([t for t, y in zip(enc.input_ids, enc.labels, strict=True)
-                       if y != IGNORE_INDEX])
+    return tok.decode(
+        [t for t, y in zip(enc.input_ids, enc.labels, strict=True) if y != IGNORE_INDEX]
+    )
 
 
 def test_qwen_layout_fixture_is_what_it_claims(tmp_path):
@@ -150,8 +189,8 @@ def test_raw_format_is_prompt_completion_eos(fmt_tok):
     assert _trained(tok, enc) == rec["completion"] + tok.eos_token  # answer and EOS only
     # TRL 1.16's rule: the prompt tokenized alone is masked, everything after it trained.
     prompt_ids = tok(rec["prompt"])["input_ids"]
-    assert enc.input_ids[:len(prompt_ids)] == prompt_ids
-    assert enc.labels == [IGNORE_INDEX] * len(prompt_ids) + enc.input_ids[len(prompt_ids):]
+    assert enc.input_ids[: len(prompt_ids)] == prompt_ids
+    assert enc.labels == [IGNORE_INDEX] * len(prompt_ids) + enc.input_ids[len(prompt_ids) :]
     assert enc.end_tokens == [tok.eos_token_id] and not enc.boundary_merged
     # A completion that already ends with EOS does not get a second one (TRL's add_eos).
     again = encode({**rec, "completion": rec["completion"] + tok.eos_token}, tok, "raw")
@@ -164,13 +203,13 @@ def test_raw_boundary_merge_is_detected_and_trained_as_completion(fmt_tok):
     enc = encode(rec, tok, "raw")
     prompt_ids = tok(rec["prompt"])["input_ids"]
     # "``````" tokenizes across the boundary: the prompt's last token is not in the sequence.
-    assert enc.boundary_merged and enc.input_ids[:len(prompt_ids)] != prompt_ids
-    n = next(i for i, (a, b) in enumerate(zip(prompt_ids, enc.input_ids, strict=False))
-             if a != b)
+    assert enc.boundary_merged and enc.input_ids[: len(prompt_ids)] != prompt_ids
+    n = next(i for i, (a, b) in enumerate(zip(prompt_ids, enc.input_ids, strict=False)) if a != b)
     assert enc.labels[:n] == [IGNORE_INDEX] * n and enc.labels[n:] == enc.input_ids[n:]
     assert not encode({**rec, "prompt": rec["prompt"] + "\n"}, tok, "raw").boundary_merged
-    counted = tokenize_records([rec, {**rec, "prompt": rec["prompt"] + "\n"}], tok, 512,
-                               prompt_format="raw")
+    counted = tokenize_records(
+        [rec, {**rec, "prompt": rec["prompt"] + "\n"}], tok, 512, prompt_format="raw"
+    )
     assert counted.stats["boundary_merged"] == 1
 
 
@@ -178,8 +217,9 @@ def test_chat_format_masks_prompt_and_ends_on_end_of_turn(fmt_tok):
     tok = fmt_tok
     enc = encode({"prompt": "Add one.", "completion": "1+x"}, tok, "chat")
     system = "" if tok.eos_token == "<|im_end|>" else QWEN_SYSTEM  # Qwen2.5 inserts its default
-    assert tok.decode(enc.input_ids) == (f"{system}<|im_start|>user\nAdd one.<|im_end|>\n"
-                                         "<|im_start|>assistant\n1+x<|im_end|>\n")
+    assert tok.decode(enc.input_ids) == (
+        f"{system}<|im_start|>user\nAdd one.<|im_end|>\n<|im_start|>assistant\n1+x<|im_end|>\n"
+    )
     assert _trained(tok, enc) == "1+x<|im_end|>\n"  # the answer and its end-of-turn token
     assert enc.end_tokens == [tok.convert_tokens_to_ids("<|im_end|>")]
     first = enc.labels.index(next(y for y in enc.labels if y != IGNORE_INDEX))
@@ -187,9 +227,13 @@ def test_chat_format_masks_prompt_and_ends_on_end_of_turn(fmt_tok):
 
 
 def test_multi_turn_trains_every_assistant_turn(fmt_tok):
-    msgs = [{"role": "system", "content": "You write q."}, {"role": "user", "content": "a"},
-            {"role": "assistant", "content": "til 3"}, {"role": "user", "content": "b"},
-            {"role": "assistant", "content": "til 4"}]
+    msgs = [
+        {"role": "system", "content": "You write q."},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "til 3"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "til 4"},
+    ]
     enc = encode({"messages": msgs}, fmt_tok, "chat")
     assert _trained(fmt_tok, enc) == "til 3<|im_end|>\ntil 4<|im_end|>\n"
     assert len(enc.end_tokens) == 2
@@ -202,7 +246,7 @@ def test_fallback_template_without_chat_template(fmt_tok):
     eos = plain.eos_token
     text, spans = render(to_messages(GOOD), plain)
     assert text == f"### User:\nSum a list.\n\n### Assistant:\nsolve:{{sum x}}{eos}\n\n"
-    (a, b), = spans
+    ((a, b),) = spans
     assert text[a:b] == f"solve:{{sum x}}{eos}"
     assert encode(GOOD, plain, "chat").end_tokens == [plain.eos_token_id]
 
@@ -218,16 +262,21 @@ def test_messages_in_raw_format_name_file_and_line(tmp_path, fmt_tok):
     chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(chat) + "\n")  # a blank line 2
-    with pytest.raises(DataError, match=r"mixed.jsonl:line 3: a 'messages' record needs "
-                                        r"--prompt_format chat"):
+    with pytest.raises(
+        DataError,
+        match=r"mixed.jsonl:line 3: a 'messages' record needs "
+        r"--prompt_format chat",
+    ):
         tokenize_records(load_records(path), fmt_tok, 512, prompt_format="raw")
 
 
 def test_chat_template_errors_name_file_and_line(tmp_path):
     tok = load_tokenizer(ASSETS_DIR / "tiny_model")
-    tok.chat_template = ("{%- for m in messages %}{%- if m['content'] == 'boom' %}"
-                         "{{ raise_exception('roles must alternate') }}{%- endif %}"
-                         "{{ m['content'] }}<|im_end|>{%- endfor %}")
+    tok.chat_template = (
+        "{%- for m in messages %}{%- if m['content'] == 'boom' %}"
+        "{{ raise_exception('roles must alternate') }}{%- endif %}"
+        "{{ m['content'] }}<|im_end|>{%- endfor %}"
+    )
     path = _jsonl(tmp_path / "t.jsonl", [GOOD, {"prompt": "boom", "completion": "x"}])
     with pytest.raises(DataError) as e:
         tokenize_records(load_records(path), tok, 512, prompt_format="chat")
@@ -237,9 +286,11 @@ def test_chat_template_errors_name_file_and_line(tmp_path):
 
 def test_template_without_an_end_of_turn_token_is_refused(tok):
     plain_end = copy.deepcopy(tok)
-    plain_end.chat_template = ("{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + "
-                               "'\n\n' }}{%- endfor %}"
-                               "{%- if add_generation_prompt %}assistant: {%- endif %}")
+    plain_end.chat_template = (
+        "{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + "
+        "'\n\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}assistant: {%- endif %}"
+    )
     with pytest.raises(DataError, match="not a special token: generation could not stop"):
         encode(GOOD, plain_end, "chat")
 
@@ -267,7 +318,7 @@ def _mine(sampler, start):
     out = []
     for j in range(sampler.accum):
         base = j * per_micro * sampler.world + sampler.rank * per_micro
-        out += b.sample_ids[base:base + per_micro]
+        out += b.sample_ids[base : base + per_micro]
     return out
 
 
@@ -286,8 +337,9 @@ def test_sampler_is_deterministic_and_partitions_the_global_batch(tok):
     assert one.step(0).sample_ids != Sampler(data, 2, 4, 1, 0, 8, 0).step(0).sample_ids
     # Each epoch visits every example exactly once, across batch boundaries.
     stream = [i for s in range(0, 2 * len(data), 8) for i in one.step(s).sample_ids]
-    assert sorted(stream[: len(data)]) == sorted(stream[len(data): 2 * len(data)]) == sorted(
-        data.ids)
+    assert (
+        sorted(stream[: len(data)]) == sorted(stream[len(data) : 2 * len(data)]) == sorted(data.ids)
+    )
 
 
 def test_collate_pads_and_masks():

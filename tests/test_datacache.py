@@ -32,11 +32,31 @@ def tok():
     return load_tokenizer(TINY)
 
 
-def _prepare(files, tok, cache, fmt="raw", seq=512, overlong="drop", num_proc=1, evals=(),
-             model=TINY, said=None):
-    return datacache.prepare([Path(f) for f in files], [Path(f) for f in evals], tok, model, fmt,
-                             seq, overlong, Path(cache), num_proc, 60,
-                             say=(said.append if said is not None else lambda m: None))
+def _prepare(
+    files,
+    tok,
+    cache,
+    fmt="raw",
+    seq=512,
+    overlong="drop",
+    num_proc=1,
+    evals=(),
+    model=TINY,
+    said=None,
+):
+    return datacache.prepare(
+        [Path(f) for f in files],
+        [Path(f) for f in evals],
+        tok,
+        model,
+        fmt,
+        seq,
+        overlong,
+        Path(cache),
+        num_proc,
+        60,
+        say=(said.append if said is not None else lambda m: None),
+    )
 
 
 def _reference(records, tok, fmt, seq, overlong):
@@ -45,21 +65,24 @@ def _reference(records, tok, fmt, seq, overlong):
     for i, r in enumerate(records):
         e = encode(r, tok, fmt)
         ids, labels = e.input_ids[:seq], e.labels[:seq]
-        if len(e.input_ids) > seq and (overlong == "drop" or all(
-                x == IGNORE_INDEX for x in labels[1:])):
+        if len(e.input_ids) > seq and (
+            overlong == "drop" or all(x == IGNORE_INDEX for x in labels[1:])
+        ):
             continue
         out.append((i, ids, labels))
     return out
 
 
-@pytest.mark.parametrize("fmt,seq,overlong,layout", [("raw", 512, "drop", False),
-                                                     ("chat", 256, "truncate", False),
-                                                     ("chat", 512, "drop", True)])
+@pytest.mark.parametrize(
+    "fmt,seq,overlong,layout",
+    [("raw", 512, "drop", False), ("chat", 256, "truncate", False), ("chat", 512, "drop", True)],
+)
 def test_cached_tokens_equal_encoding_record_by_record(tmp_path, tok, fmt, seq, overlong, layout):
     model = qwen_layout_model(tmp_path / "model") if layout else TINY
     tokenizer = load_tokenizer(model) if layout else tok
-    (train,), _, report = _prepare([TRAIN], tokenizer, tmp_path / "cache", fmt, seq, overlong,
-                                   model=model)
+    (train,), _, report = _prepare(
+        [TRAIN], tokenizer, tmp_path / "cache", fmt, seq, overlong, model=model
+    )
     want = _reference(load_records(TRAIN), tokenizer, fmt, seq, overlong)
     assert report["entries"][str(TRAIN)]["built"] and report["prompt_format"] == fmt
     assert len(train) == len(want) and train.stats["records"] == 804
@@ -92,12 +115,16 @@ def test_a_second_start_reads_the_cache_and_a_damaged_entry_is_rebuilt(tmp_path,
 
     data = bytearray(arrow.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, other content
-    damage_and_check(lambda: arrow.write_bytes(bytes(data)),
-                     f"{arrow.name} does not match its checksum")
-    damage_and_check(lambda: arrow.write_bytes(arrow.read_bytes()[:-100]),
-                     f"{arrow.name} is missing or has the wrong size")
-    damage_and_check(lambda: (entry / datacache.MANIFEST).unlink(),
-                     "no manifest (an interrupted build)")
+    damage_and_check(
+        lambda: arrow.write_bytes(bytes(data)), f"{arrow.name} does not match its checksum"
+    )
+    damage_and_check(
+        lambda: arrow.write_bytes(arrow.read_bytes()[:-100]),
+        f"{arrow.name} is missing or has the wrong size",
+    )
+    damage_and_check(
+        lambda: (entry / datacache.MANIFEST).unlink(), "no manifest (an interrupted build)"
+    )
     assert not list(cache.glob(".tmp-*"))  # no build left anything behind
 
 
@@ -168,7 +195,7 @@ def _sets(tok, sizes):
     records = load_records(TRAIN)
     out, at = [], 0
     for n in sizes:
-        s = tokenize_records(records[at:at + n], tok, 1024, source=f"part{len(out)}")
+        s = tokenize_records(records[at : at + n], tok, 1024, source=f"part{len(out)}")
         assert len(s) == n
         out.append(s)
         at += n
@@ -232,8 +259,7 @@ def test_fast_packer_makes_the_bins_of_the_reference(capacity):
     lengths = rng.integers(1, capacity + 1, 3000) // rng.integers(1, 6, 3000) + 1
     lengths = np.minimum(lengths, capacity)
     order = rng.permutation(3000).tolist()
-    assert pack_bfd(lengths, order, capacity) == _reference_bfd(lengths.tolist(), order,
-                                                                capacity)
+    assert pack_bfd(lengths, order, capacity) == _reference_bfd(lengths.tolist(), order, capacity)
 
 
 def test_parquet_with_other_columns_tokenizes_as_its_jsonl(tmp_path, tok):
@@ -246,7 +272,8 @@ def test_parquet_with_other_columns_tokenizes_as_its_jsonl(tmp_path, tok):
     table = pa.Table.from_pylist([{**r, "when": datetime.datetime(2026, 1, 1)} for r in records])
     pq.write_table(table, tmp_path / "part.parquet")
     (tmp_path / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (pq_set, js_set), _, _ = _prepare([tmp_path / "part.parquet", tmp_path / "part.jsonl"], tok,
-                                      tmp_path / "cache")
+    (pq_set, js_set), _, _ = _prepare(
+        [tmp_path / "part.parquet", tmp_path / "part.jsonl"], tok, tmp_path / "cache"
+    )
     assert list(pq_set.input_ids) == list(js_set.input_ids)
     assert list(pq_set.labels) == list(js_set.labels) and len(pq_set) == 50

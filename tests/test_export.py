@@ -31,10 +31,27 @@ RECORDS = [
 
 def _train(tmp, base, data, *extra, nproc=1):
     out = tmp / "out"
-    res = launch("launch/train.py", ["--model_size", "tiny", "--base_model", str(base),
-                                     "--train_file", str(data), "--output_dir", str(out),
-                                     "--max_seq_length", "256", "--logging_steps", "50",
-                                     *extra], nproc=nproc, tmp=tmp, timeout=400)
+    res = launch(
+        "launch/train.py",
+        [
+            "--model_size",
+            "tiny",
+            "--base_model",
+            str(base),
+            "--train_file",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--max_seq_length",
+            "256",
+            "--logging_steps",
+            "50",
+            *extra,
+        ],
+        nproc=nproc,
+        tmp=tmp,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stdout[-4000:]
     return out, res.stdout
 
@@ -61,8 +78,21 @@ def test_sharded_base_weights_arrive_bit_identical(tmp_path, tied):
     equals the input, tensor for tensor, bit for bit."""
     base = sharded_model(tmp_path / "base", tied=tied)
     data = _jsonl(tmp_path / "train.jsonl", RECORDS)
-    out, log = _train(tmp_path, base, data, "--max_steps", "1", "--save_steps", "1",
-                      "--learning_rate", "1e-30", "--batch_size", "1", "--no-packing", nproc=2)
+    out, log = _train(
+        tmp_path,
+        base,
+        data,
+        "--max_steps",
+        "1",
+        "--save_steps",
+        "1",
+        "--learning_rate",
+        "1e-30",
+        "--batch_size",
+        "1",
+        "--no-packing",
+        nproc=2,
+    )
     assert "checked against the files on every rank" in log
     cons = out / "checkpoints" / "checkpoint-1" / "consolidated"
     given = {}
@@ -85,16 +115,33 @@ def test_a_parameter_that_did_not_load_stops_every_rank(tmp_path):
     if left at its init); every rank stops with one line naming it and the rank, exit 2."""
     base = sharded_model(tmp_path / "base")
     data = _jsonl(tmp_path / "train.jsonl", RECORDS)
-    res = launch("launch/train.py", ["--model_size", "tiny", "--base_model", str(base),
-                                     "--train_file", str(data), "--output_dir",
-                                     str(tmp_path / "out"), "--max_steps", "1", "--no-packing"],
-                 nproc=2, tmp=tmp_path, timeout=300,
-                 env={"QSFT_TEST_CORRUPT_LOAD_ON_RANK": "1"})
+    res = launch(
+        "launch/train.py",
+        [
+            "--model_size",
+            "tiny",
+            "--base_model",
+            str(base),
+            "--train_file",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "1",
+            "--no-packing",
+        ],
+        nproc=2,
+        tmp=tmp_path,
+        timeout=300,
+        env={"QSFT_TEST_CORRUPT_LOAD_ON_RANK": "1"},
+    )
     assert res.returncode != 0
     errors = [x for x in res.stdout.splitlines() if "qsft: error:" in x]
     assert len(errors) == 1, res.stdout[-3000:]
-    assert ("rank 1 on" in errors[0] and "model.layers.0.mlp.up_proj.weight differs from the "
-            "weight files" in errors[0]), errors[0]
+    assert (
+        "rank 1 on" in errors[0]
+        and "model.layers.0.mlp.up_proj.weight differs from the weight files" in errors[0]
+    ), errors[0]
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
@@ -102,8 +149,15 @@ def test_export_per_format_on_the_qwen_layout(tmp_path):
     """What each format writes, before any training: the end token learned, then the base's."""
     model = qwen_layout_model(tmp_path / "m")
     tok = load_tokenizer(model)
-    chat = [{"messages": [{"role": "user", "content": r["prompt"]},
-                          {"role": "assistant", "content": r["completion"]}]} for r in RECORDS]
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["completion"]},
+            ]
+        }
+        for r in RECORDS
+    ]
     raw = build_export(model, tok, tokenize_records(RECORDS, tok, 256), "auto")
     assert raw.info["prompt_format"] == "raw" and raw.generation_config.eos_token_id == 0
     assert raw.tokenizer is tok and raw.eos_token_id is None  # EOS already ends the answer
@@ -116,11 +170,15 @@ def test_export_per_format_on_the_qwen_layout(tmp_path):
 
 def test_a_base_generation_config_transformers_cannot_save_fails_at_start(tmp_path):
     model = qwen_layout_model(tmp_path / "m")
-    (model / "generation_config.json").write_text(json.dumps(
-        {"do_sample": False, "temperature": 0.7, "eos_token_id": 0}))
+    (model / "generation_config.json").write_text(
+        json.dumps({"do_sample": False, "temperature": 0.7, "eos_token_id": 0})
+    )
     tok = load_tokenizer(model)
-    with pytest.raises(ConfigError, match=r"generation_config.json: transformers refuses to save "
-                                          r"it: `temperature`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"generation_config.json: transformers refuses to save "
+        r"it: `temperature`",
+    ):
         build_export(model, tok, tokenize_records(RECORDS, tok, 256), "auto")
 
 
@@ -128,9 +186,12 @@ def _prompt_ids(tok, rec, fmt):
     """How the RL stage must format prompts (README): raw text, or the chat template."""
     if fmt == "raw":
         return tok(rec["prompt"], return_tensors="pt").input_ids
-    return tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
-                                   add_generation_prompt=True, return_tensors="pt",
-                                   return_dict=True)["input_ids"]
+    return tok.apply_chat_template(
+        [{"role": "user", "content": rec["prompt"]}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
 
 
 @pytest.mark.multirank
@@ -140,12 +201,32 @@ def test_generation_stops_where_training_taught_answers_to_end(tmp_path, fmt):
     if fmt == "raw":
         data = _jsonl(tmp_path / "train.jsonl", RECORDS)
     else:  # messages records: --prompt_format auto picks chat
-        data = _jsonl(tmp_path / "train.jsonl", [{"messages": [
-            {"role": "user", "content": r["prompt"]},
-            {"role": "assistant", "content": r["completion"]}]} for r in RECORDS])
+        data = _jsonl(
+            tmp_path / "train.jsonl",
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r["completion"]},
+                    ]
+                }
+                for r in RECORDS
+            ],
+        )
     steps = "100" if fmt == "raw" else "200"  # the chat prompts share a long system prompt
-    out, log = _train(tmp_path, base, data, "--max_steps", steps, "--save_steps", steps,
-                      "--learning_rate", "3e-3", "--warmup_steps", "2")
+    out, log = _train(
+        tmp_path,
+        base,
+        data,
+        "--max_steps",
+        steps,
+        "--save_steps",
+        steps,
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "2",
+    )
     cons = out / "checkpoints" / f"checkpoint-{steps}" / "consolidated"
     model, tok = _load_like_trl(cons)
     endoftext, im_end = (tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
@@ -164,7 +245,7 @@ def test_generation_stops_where_training_taught_answers_to_end(tmp_path, fmt):
     assert tok.eos_token_id == end and model.config.eos_token_id == end
     for rec in RECORDS:
         ids = _prompt_ids(tok, rec, fmt)
-        new = model.generate(ids, max_new_tokens=40)[0, ids.shape[1]:].tolist()
+        new = model.generate(ids, max_new_tokens=40)[0, ids.shape[1] :].tolist()
         assert new[-1] == end and len(new) < 40, tok.decode(new)  # stopped at the end token
         assert tok.decode(new[:-1]) == rec["completion"]  # and said exactly what it learned
         if fmt == "chat":  # with the base model's stop tokens alone it would run on

@@ -13,13 +13,22 @@ import torch
 
 from tests.conftest import EVAL_SMALL, REPO, launch
 
-ARGS = ["--model_size", "tiny", "--max_seq_length", "512", "--eval_steps", "100",
-        "--eval_file", str(EVAL_SMALL)]
+ARGS = [
+    "--model_size",
+    "tiny",
+    "--max_seq_length",
+    "512",
+    "--eval_steps",
+    "100",
+    "--eval_file",
+    str(EVAL_SMALL),
+]
 
 
 def _train(tmp: Path, out: Path, *extra: str, env: dict | None = None):
-    return launch("launch/train.py", [*ARGS, "--output_dir", str(out), *extra], nproc=2,
-                  tmp=tmp, env=env)
+    return launch(
+        "launch/train.py", [*ARGS, "--output_dir", str(out), *extra], nproc=2, tmp=tmp, env=env
+    )
 
 
 @pytest.fixture
@@ -30,8 +39,11 @@ def small_fs(tmp_path):
     def make(mib: int) -> Path:
         d = tmp_path / f"fs{len(mounted)}"
         d.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(d)],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(d)],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.strip()}")
         mounted.append(d)
@@ -54,12 +66,21 @@ def test_too_small_filesystem_is_refused_at_start(small_fs, tmp_path):
 
 
 @pytest.mark.multirank
-def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resume_works(small_fs,
-                                                                             tmp_path):
+def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resume_works(small_fs, tmp_path):
     fs = small_fs(160)
     out = fs / "run"
-    args = ["--max_steps", "6", "--save_steps", "2", "--logging_steps", "4", "--keep_last", "1",
-            "--consolidate", "none"]
+    args = [
+        "--max_steps",
+        "6",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "4",
+        "--keep_last",
+        "1",
+        "--consolidate",
+        "none",
+    ]
     # Another job fills the disk right after the space check before the save of step 4.
     res = _train(tmp_path, out, *args, env={"QSFT_TEST_FILL_DISK_AT_STEP": "4"})
     assert res.returncode == 1, res.stdout[-3000:]
@@ -88,13 +109,13 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resume_works(smal
     errors = [x for x in res.stdout.splitlines() if "qsft: error" in x]
     assert len(errors) == 1 and "out of disk space saving checkpoint-4" in errors[0]
     assert not (ckpts / "checkpoint-4").exists() and (ckpts / "latest").read_text() == (
-        "checkpoint-2")
+        "checkpoint-2"
+    )
 
     res = _train(tmp_path, out, *longer)
     assert res.returncode == 0, res.stdout[-3000:]
     assert "resumed from" in res.stdout and "at step 2" in res.stdout
-    assert "resuming with changed inputs (--resume_allow_changes): max_steps 6 -> 8" in (
-        res.stdout)
+    assert "resuming with changed inputs (--resume_allow_changes): max_steps 6 -> 8" in (res.stdout)
     # --keep_last 1, nothing consolidated: only the newest checkpoint remains.
     assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-8"]
     summary = json.loads((out / "logs" / "summary.json").read_text())
@@ -109,9 +130,23 @@ def test_divergence_is_flagged_and_a_nan_loss_stops_before_any_save(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     out = tmp_path / "run"
     # The NaN comes at a save step: it must stop the run before that save.
-    res = _train(tmp_path, out, "--ds_config", str(tmp_path / "ds.json"), "--learning_rate",
-                 "0.2", "--max_steps", "6", "--save_steps", "2", "--eval_steps", "2",
-                 "--logging_steps", "1", env={"QSFT_TEST_NAN_LOSS_AT_STEP": "4"})
+    res = _train(
+        tmp_path,
+        out,
+        "--ds_config",
+        str(tmp_path / "ds.json"),
+        "--learning_rate",
+        "0.2",
+        "--max_steps",
+        "6",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        env={"QSFT_TEST_NAN_LOSS_AT_STEP": "4"},
+    )
     assert res.returncode == 1, res.stdout[-3000:]
     assert "the run may be diverging (--divergence_factor 1.5)" in res.stdout
     evals = json.loads((out / "logs" / "eval_results.json").read_text())["history"]
@@ -121,7 +156,8 @@ def test_divergence_is_flagged_and_a_nan_loss_stops_before_any_save(tmp_path):
     assert len(errors) == 1 and "step 4: loss nan" in errors[0], res.stdout[-3000:]
     assert f"Last complete checkpoint: {out / 'checkpoints' / 'checkpoint-2'}" in errors[0]
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
-        "checkpoint-2"]  # nothing saved after the NaN
+        "checkpoint-2"
+    ]  # nothing saved after the NaN
     assert "error: step 4: loss nan" in (out / "logs" / "training_log.txt").read_text()
 
 
@@ -133,10 +169,27 @@ def test_a_consolidation_lost_with_a_killed_job_is_redone_on_resume(trained, tmp
     final = out / "checkpoints" / "checkpoint-16"
     shutil.rmtree(final / "consolidated")  # what a kill during the consolidation leaves
     (final / ".consolidated.tmp-1234").mkdir()
-    res = launch("launch/train.py", ["--model_size", "tiny", "--max_seq_length", "512",
-                                     "--output_dir", str(out), "--max_steps", "16",
-                                     "--save_steps", "8", "--eval_steps", "8",
-                                     "--logging_steps", "4"], nproc=2, tmp=tmp_path)
+    res = launch(
+        "launch/train.py",
+        [
+            "--model_size",
+            "tiny",
+            "--max_seq_length",
+            "512",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "16",
+            "--save_steps",
+            "8",
+            "--eval_steps",
+            "8",
+            "--logging_steps",
+            "4",
+        ],
+        nproc=2,
+        tmp=tmp_path,
+    )
     assert res.returncode == 0, res.stdout[-3000:]
     assert "checkpoint-16 was never consolidated (the job stopped first)" in res.stdout
     manifest = json.loads((final / "consolidated" / "manifest.json").read_text())
@@ -149,8 +202,9 @@ def test_offline_consolidator_refuses_a_tag_without_complete(trained, tmp_path):
 
     src, _ = trained
     tag = tmp_path / "checkpoint-8"
-    shutil.copytree(src / "checkpoints" / "checkpoint-8", tag,
-                    ignore=shutil.ignore_patterns("consolidated"))
+    shutil.copytree(
+        src / "checkpoints" / "checkpoint-8", tag, ignore=shutil.ignore_patterns("consolidated")
+    )
     marker = (tag / "COMPLETE").read_text()
     (tag / "COMPLETE").unlink()
     assert main([str(tag), "--out", str(tmp_path / "c")]) == 2
@@ -176,9 +230,12 @@ def test_remote_code_needs_the_flag(tmp_path):
     assert load_tokenizer(model) is not None  # qwen2 is transformers' own: auto_map unused
     config["model_type"] = "evil"
     (model / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"config.json: needs custom code \(auto_map\) for a "
-                                          r"class transformers does not have.*"
-                                          r"--trust_remote_code"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config.json: needs custom code \(auto_map\) for a "
+        r"class transformers does not have.*"
+        r"--trust_remote_code",
+    ):
         load_tokenizer(model)
 
 
@@ -201,8 +258,9 @@ def test_non_finite_and_divergence_rules():
 
     assert non_finite(5, 2.5, 1.0, "c") is None
     assert non_finite(5, 2.5, None, "c") is None  # fp16: DeepSpeed skips overflow steps itself
-    assert "step 5: loss inf and gradient norm nan" in non_finite(5, float("inf"),
-                                                                   float("nan"), "c")
+    assert "step 5: loss inf and gradient norm nan" in non_finite(
+        5, float("inf"), float("nan"), "c"
+    )
     history = [{"step": 0, "eval_loss": 8.0}, {"step": 10, "eval_loss": 2.0}]
     assert diverging(2.9, history, 1.5) is None
     assert diverging(3.1, history, 1.5)["step"] == 10

@@ -30,8 +30,9 @@ def _model(tied: bool):
     config.use_cache = False
     config.tie_word_embeddings = tied
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                            attn_implementation=attention.register("loop"))
+    return AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation=attention.register("loop")
+    )
 
 
 def _old_loss(model, mb):
@@ -45,8 +46,9 @@ def _old_loss(model, mb):
     keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
     batch = {k: v for k, v in mb.items() if k != "labels"}
     logits = model(**batch, **extra, logits_to_keep=keep, use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
-                           ignore_index=-100, reduction="sum")
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=-100, reduction="sum"
+    )
 
 
 def _grads(model):
@@ -120,8 +122,10 @@ def test_bf16_chunked_loss_close_to_full(data):
     full.backward()
     assert chunked.dtype == torch.float32
     assert abs(float(chunked.detach() - full.detach())) <= 1e-3 * float(full.detach())
-    rel = float((g_chunked.float() - model.lm_head.weight.grad.float()).norm()
-                / model.lm_head.weight.grad.float().norm())
+    rel = float(
+        (g_chunked.float() - model.lm_head.weight.grad.float()).norm()
+        / model.lm_head.weight.grad.float().norm()
+    )
     assert rel < 2e-2, rel
 
 
@@ -159,9 +163,14 @@ def test_packed_equals_padded_through_the_trainer_loss(data, chunk_rows):
         if name == "packed":
             batches = [collate_packed([examples], ts, tok.pad_token_id)]
         else:
-            batches = [collate([ts.input_ids[i] for i in examples[k:k + 2]],
-                               [ts.labels[i] for i in examples[k:k + 2]], tok.pad_token_id)
-                       for k in range(0, 6, 2)]
+            batches = [
+                collate(
+                    [ts.input_ids[i] for i in examples[k : k + 2]],
+                    [ts.labels[i] for i in examples[k : k + 2]],
+                    tok.pad_token_id,
+                )
+                for k in range(0, 6, 2)
+            ]
         total = sum(summed_loss(model, mb, "cpu") for mb in batches)
         total.backward()
         runs[name] = (total.detach(), _grads(model))

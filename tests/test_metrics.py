@@ -21,10 +21,13 @@ def test_warmup_then_cosine_to_zero():
 def test_sink_writes_logs_and_eval_results(tmp_path, monkeypatch):
     monkeypatch.setenv("QSFT_NO_PROGRESS", "1")
     sink = MetricsSink(tmp_path, total_steps=10, start_step=0)
-    sink.log_step(dict(step=5, loss=1.5, lr=1e-3, grad_norm=0.5, tokens_per_s=100.0,
-                       consumed_samples=40))
-    hist = [dict(step=0, eval_loss=3.0, perplexity=math.exp(3.0)),
-            dict(step=5, eval_loss=2.0, perplexity=math.exp(2.0))]
+    sink.log_step(
+        dict(step=5, loss=1.5, lr=1e-3, grad_norm=0.5, tokens_per_s=100.0, consumed_samples=40)
+    )
+    hist = [
+        dict(step=0, eval_loss=3.0, perplexity=math.exp(3.0)),
+        dict(step=5, eval_loss=2.0, perplexity=math.exp(2.0)),
+    ]
     sink.log_eval(hist)
     sink.close()
     assert json.loads((tmp_path / "logs" / "metrics.jsonl").read_text())["loss"] == 1.5
@@ -45,8 +48,9 @@ def test_wandb_without_api_key_goes_offline_and_says_so_once(tmp_path, monkeypat
     cfg = dict(project="qsft-test", name="t", config={"a": 1}, dir=str(tmp_path))
     sink = MetricsSink(tmp_path, total_steps=1, start_step=0, wandb_cfg=cfg)
     assert sink.wandb is not None and sink.wandb.settings.mode == "offline"
-    sink.log_step(dict(step=1, loss=1.0, lr=1e-3, grad_norm=0.1, tokens_per_s=1.0,
-                       consumed_samples=1))
+    sink.log_step(
+        dict(step=1, loss=1.0, lr=1e-3, grad_norm=0.1, tokens_per_s=1.0, consumed_samples=1)
+    )
     sink.close()
     log = (tmp_path / "logs" / "training_log.txt").read_text()
     assert log.count("wandb: no API key found; logging offline") == 1
@@ -54,8 +58,15 @@ def test_wandb_without_api_key_goes_offline_and_says_so_once(tmp_path, monkeypat
 
 
 def test_summary_names_consolidated_dir_and_losses():
-    text = format_summary(dict(steps=10, wall_s=60, tokens_per_s=1234.0, consolidated="/x/c",
-                               eval=[dict(step=0, eval_loss=7.0), dict(step=10, eval_loss=3.0)]))
+    text = format_summary(
+        dict(
+            steps=10,
+            wall_s=60,
+            tokens_per_s=1234.0,
+            consolidated="/x/c",
+            eval=[dict(step=0, eval_loss=7.0), dict(step=10, eval_loss=3.0)],
+        )
+    )
     assert "eval loss 7.0000 (step 0) -> 3.0000 (step 10)" in text
     assert "from_pretrained('/x/c')" in text and "1234 tokens/s" in text
 
@@ -65,16 +76,17 @@ def test_flops_per_token_counts_matmul_params_and_causal_attention():
 
     from trainer.flops import flops_per_token
 
-    cfg = SimpleNamespace(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
-                          tie_word_embeddings=True)
+    cfg = SimpleNamespace(
+        vocab_size=1000, hidden_size=64, num_hidden_layers=2, tie_word_embeddings=True
+    )
     # tied: the 64k embedding is also the output projection, so every parameter multiplies
     assert flops_per_token(cfg, 200_000, 100) == 6 * 200_000 + 6 * 2 * 64 * 100
     cfg.tie_word_embeddings = False  # untied: the input lookup is not a matmul
     assert flops_per_token(cfg, 264_000, 100) == 6 * 200_000 + 6 * 2 * 64 * 100
     # logits only at loss positions (a quarter of the tokens): the projection counts a quarter
     assert flops_per_token(cfg, 264_000, 100, target_fraction=0.25) == (
-        6 * 136_000 + 6 * 64_000 * 0.25 + 6 * 2 * 64 * 100)
-
+        6 * 136_000 + 6 * 64_000 * 0.25 + 6 * 2 * 64 * 100
+    )
 
 
 def test_peak_flops_datasheet_on_known_gpus_measured_elsewhere(monkeypatch):

@@ -21,9 +21,23 @@ pytestmark = pytest.mark.multirank
 
 
 def _tiny(out: Path | str, *extra: str) -> list[str]:
-    return ["--model_size", "tiny", "--max_seq_length", "512", "--output_dir", str(out),
-            "--max_steps", "400",
-            "--save_steps", "1000", "--eval_steps", "1000", "--logging_steps", "1", *extra]
+    return [
+        "--model_size",
+        "tiny",
+        "--max_seq_length",
+        "512",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "400",
+        "--save_steps",
+        "1000",
+        "--eval_steps",
+        "1000",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]
 
 
 def test_output_dir_not_shared_by_the_nodes_fails_in_seconds(tmp_path):
@@ -50,9 +64,13 @@ def test_input_only_one_node_can_read_fails_on_every_rank_naming_it(tmp_path):
         d.mkdir()
     src = Path(__file__).resolve().parent.parent / "trainer" / "assets" / "q_sft_train.jsonl"
     (cwds[0] / "train.jsonl").write_text(src.read_text())
-    results = two_nodes(tmp_path, "launch/train.py",
-                        _tiny(tmp_path / "run", "--train_file", "train.jsonl"), cwds=cwds,
-                        timeout=180)
+    results = two_nodes(
+        tmp_path,
+        "launch/train.py",
+        _tiny(tmp_path / "run", "--train_file", "train.jsonl"),
+        cwds=cwds,
+        timeout=180,
+    )
     for res in results:
         assert res.returncode == 2, res.stdout[-3000:]
     line = [ln for ln in results[0].stdout.splitlines() if ln.startswith("qsft: ")]
@@ -66,8 +84,15 @@ def test_a_node_local_data_cache_is_built_once_on_each_node(tmp_path):
     for d in cwds:
         d.mkdir()
     assets = Path(__file__).resolve().parent.parent / "trainer" / "assets"
-    args = _tiny(tmp_path / "run", "--data_cache_dir", "cache", "--train_file",
-                 str(assets / "q_sft_train.jsonl"), "--eval_file", str(EVAL_SMALL))
+    args = _tiny(
+        tmp_path / "run",
+        "--data_cache_dir",
+        "cache",
+        "--train_file",
+        str(assets / "q_sft_train.jsonl"),
+        "--eval_file",
+        str(EVAL_SMALL),
+    )
     args[args.index("--max_steps") + 1] = "2"
     results = two_nodes(tmp_path, "launch/train.py", args, cwds=cwds, timeout=300)
     for res in results:
@@ -81,14 +106,21 @@ def test_nodes_with_different_copies_of_the_training_data_stop_before_training(t
     """Relative --train_file and --data_cache_dir: each node reads and caches its own copy;
     copies that differ are one error on every rank, not two models trained on other data."""
     cwds = (tmp_path / "node0", tmp_path / "node1")
-    src = (Path(__file__).resolve().parent.parent / "trainer" / "assets" /
-           "q_sft_train.jsonl").read_text().splitlines()
+    src = (
+        (Path(__file__).resolve().parent.parent / "trainer" / "assets" / "q_sft_train.jsonl")
+        .read_text()
+        .splitlines()
+    )
     for d, lines in zip(cwds, (src[:100], src[100:200]), strict=True):
         d.mkdir()
         (d / "train.jsonl").write_text("\n".join(lines) + "\n")
-    results = two_nodes(tmp_path, "launch/train.py",
-                        _tiny(tmp_path / "run", "--train_file", "train.jsonl",
-                              "--data_cache_dir", "cache"), cwds=cwds, timeout=180)
+    results = two_nodes(
+        tmp_path,
+        "launch/train.py",
+        _tiny(tmp_path / "run", "--train_file", "train.jsonl", "--data_cache_dir", "cache"),
+        cwds=cwds,
+        timeout=180,
+    )
     for res in results:
         assert res.returncode == 2, res.stdout[-3000:]
     line = [ln for ln in results[0].stdout.splitlines() if ln.startswith("qsft: error")]
@@ -108,8 +140,9 @@ def test_a_dead_rank_on_another_node_stops_the_job_naming_it(tmp_path):
     nodes = start_two_nodes(tmp_path, "launch/train.py", _tiny(out, "--rank_timeout_s", "8"))
     metrics = out / "logs" / "metrics.jsonl"
     t0 = time.time()
-    while not (metrics.exists() and any("loss" in json.loads(x)
-                                        for x in metrics.read_text().splitlines())):
+    while not (
+        metrics.exists() and any("loss" in json.loads(x) for x in metrics.read_text().splitlines())
+    ):
         assert nodes[0].poll() is None and time.time() - t0 < 240, "training did not start"
         time.sleep(0.2)
     _rank_of(nodes[1]).send_signal(signal.SIGKILL)
@@ -126,8 +159,12 @@ def test_a_dead_rank_on_another_node_stops_the_job_naming_it(tmp_path):
 def test_a_rank_failing_with_an_error_stops_the_other_node_at_once_naming_it(tmp_path):
     """Node 1's rank raises at step 3 (fault injection); node 0 must not wait for a timeout."""
     out = tmp_path / "run"
-    nodes = start_two_nodes(tmp_path, "launch/train.py", _tiny(out, "--rank_timeout_s", "120"),
-                            envs=(None, {"QSFT_TEST_RAISE_AT_STEP": "3"}))
+    nodes = start_two_nodes(
+        tmp_path,
+        "launch/train.py",
+        _tiny(out, "--rank_timeout_s", "120"),
+        envs=(None, {"QSFT_TEST_RAISE_AT_STEP": "3"}),
+    )
     ended: dict[int, float] = {}
     t0 = time.time()
     try:
@@ -143,6 +180,8 @@ def test_a_rank_failing_with_an_error_stops_the_other_node_at_once_naming_it(tmp
     assert ended[0] - ended[1] < 30  # told at once: no waiting out --rank_timeout_s 120
     line = [ln for ln in text.splitlines() if "stopping:" in ln]
     assert line and "rank 1 on" in line[0] and "injected failure at step 3" in line[0], text[-3000:]
-    steps = [json.loads(x).get("step", 0) for x in
-             (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x).get("step", 0)
+        for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert max(steps) <= 3  # nobody trained on past the failure

@@ -23,18 +23,37 @@ PROBE = "tests/scripts/probe.py"
 def _grads(tmp_path, nproc: int, accum: int, packing: bool, base_model=None) -> dict:
     out = tmp_path / f"grads_{nproc}.pt"
     extra = ["--base_model", str(base_model)] if base_model else []
-    res = launch(PROBE, ["grads", str(out), "--model_size", "tiny", "--output_dir",
-                         str(tmp_path / f"o{nproc}"), "--batch_size", "2",
-                         "--gradient_accumulation_steps", str(accum), "--seed", "3",
-                         "--max_seq_length", "512",  # as _reference_grads packs
-                         "--packing" if packing else "--no-packing", *extra],
-                 nproc=nproc, tmp=tmp_path, timeout=300)
+    res = launch(
+        PROBE,
+        [
+            "grads",
+            str(out),
+            "--model_size",
+            "tiny",
+            "--output_dir",
+            str(tmp_path / f"o{nproc}"),
+            "--batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            str(accum),
+            "--seed",
+            "3",
+            "--max_seq_length",
+            "512",  # as _reference_grads packs
+            "--packing" if packing else "--no-packing",
+            *extra,
+        ],
+        nproc=nproc,
+        tmp=tmp_path,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-4000:]
     return torch.load(out)
 
 
-def _reference_grads(init: dict, seed: int, packing: bool, naive: bool = False,
-                     model_dir=ASSETS_DIR / "tiny_model") -> dict:
+def _reference_grads(
+    init: dict, seed: int, packing: bool, naive: bool = False, model_dir=ASSETS_DIR / "tiny_model"
+) -> dict:
     """Plain PyTorch, one process, no DeepSpeed: the gradient of the step's loss.
 
     Correct: sum of target-token CE over the whole global batch / its target tokens.
@@ -44,12 +63,21 @@ def _reference_grads(init: dict, seed: int, packing: bool, naive: bool = False,
 
     tok = load_tokenizer(ASSETS_DIR / "tiny_model")
     data = tokenize_records(load_records(ASSETS_DIR / "q_sft_train.jsonl"), tok, 512)
-    batches = Sampler(data, micro=2, accum=4, world=1, rank=0, seed=seed,
-                      pad_id=tok.pad_token_id, pack_to=512 if packing else None).step(0)
+    batches = Sampler(
+        data,
+        micro=2,
+        accum=4,
+        world=1,
+        rank=0,
+        seed=seed,
+        pad_id=tok.pad_token_id,
+        pack_to=512 if packing else None,
+    ).step(0)
     config = AutoConfig.from_pretrained(model_dir)
     config.use_cache = False
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                             attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation="sdpa"
+    )
     missing, unexpected = model.load_state_dict(init, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied: re-tied on load
     if config.tie_word_embeddings:
@@ -109,8 +137,14 @@ def test_end_to_end_output_layout(trained):
         shards = sorted(p.name for p in (ckpts / f"checkpoint-{step}").glob("*_optim_states.pt"))
         assert len(shards) == 2  # one ZeRO optimizer shard per rank
     cons = ckpts / "checkpoint-16" / "consolidated"
-    for name in ("config.json", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "model.safetensors", "manifest.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+        "manifest.json",
+    ):
         assert (cons / name).is_file(), name
     assert not list(ckpts.glob("checkpoint-16/.consolidated.tmp-*"))
     manifest = json.loads((cons / "manifest.json").read_text())
@@ -159,8 +193,10 @@ def test_eval_records_that_do_not_fit_are_counted_and_reported(trained):
     assert (data["eval"]["records"], data["eval"]["dropped"]) == (len(records), too_long)
     evals = json.loads((out / "logs" / "eval_results.json").read_text())
     assert evals["eval_data"]["examples"] == len(records) - too_long
-    assert (f"eval: {too_long} of {len(records)} records are longer than --max_seq_length 512: "
-            f"{too_long} dropped") in stdout
+    assert (
+        f"eval: {too_long} of {len(records)} records are longer than --max_seq_length 512: "
+        f"{too_long} dropped"
+    ) in stdout
     assert f"{too_long} longer than --max_seq_length left out, 0 cut to it" in stdout
 
 
@@ -170,9 +206,14 @@ def test_deepspeed_zero_to_fp32_matches_consolidated(trained, tmp_path):
 
     out, _ = trained
     ckpts = out / "checkpoints"
-    res = subprocess.run([sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts),
-                          str(tmp_path / "fp32")], env=run_env(tmp_path), cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts), str(tmp_path / "fp32")],
+        env=run_env(tmp_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     theirs = torch.load(tmp_path / "fp32" / "pytorch_model.bin", weights_only=True)
     ours = load_file(ckpts / "checkpoint-16" / "consolidated" / "model.safetensors")
@@ -185,10 +226,28 @@ def test_consolidated_reproduces_live_engine_logits(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dump = tmp_path / "logits.pt"
-    res = launch(PROBE, ["logits", str(dump), "--model_size", "tiny", "--max_seq_length", "512",
-                         "--output_dir",
-                         str(tmp_path / "run"), "--max_steps", "6", "--eval_steps", "100",
-                         "--save_steps", "100"], nproc=2, tmp=tmp_path, timeout=400)
+    res = launch(
+        PROBE,
+        [
+            "logits",
+            str(dump),
+            "--model_size",
+            "tiny",
+            "--max_seq_length",
+            "512",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "6",
+            "--eval_steps",
+            "100",
+            "--save_steps",
+            "100",
+        ],
+        nproc=2,
+        tmp=tmp_path,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stdout[-4000:]
     live = torch.load(dump)
     cons = tmp_path / "run" / "checkpoints" / "checkpoint-6" / "consolidated"
@@ -212,17 +271,49 @@ def test_weighted_mix_by_epochs_with_per_file_eval_tokenized_once(tmp_path):
     train = (ASSETS_DIR / "q_sft_train.jsonl").read_text().splitlines()
     test = (ASSETS_DIR / "q_sft_test.jsonl").read_text().splitlines()
     files = {}
-    for name, lines in (("a", train[:60]), ("b", train[60:90]), ("e1", test[:6]),
-                        ("e2", test[6:16])):
+    for name, lines in (
+        ("a", train[:60]),
+        ("b", train[60:90]),
+        ("e1", test[:6]),
+        ("e2", test[6:16]),
+    ):
         files[name] = tmp_path / f"{name}.jsonl"
         files[name].write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    res = launch("launch/train.py", [
-        "--model_size", "tiny", "--output_dir", str(out), "--max_seq_length", "512",
-        "--train_file", str(files["a"]), str(files["b"]), "--train_weights", "1", "3",
-        "--eval_file", str(files["e1"]), str(files["e2"]), "--num_epochs", "1",
-        "--eval_steps", "0", "--no-eval_at_start", "--save_steps", "0", "--batch_size", "2",
-        "--data_cache_dir", str(tmp_path / "cache")], nproc=2, tmp=tmp_path, timeout=400)
+    res = launch(
+        "launch/train.py",
+        [
+            "--model_size",
+            "tiny",
+            "--output_dir",
+            str(out),
+            "--max_seq_length",
+            "512",
+            "--train_file",
+            str(files["a"]),
+            str(files["b"]),
+            "--train_weights",
+            "1",
+            "3",
+            "--eval_file",
+            str(files["e1"]),
+            str(files["e2"]),
+            "--num_epochs",
+            "1",
+            "--eval_steps",
+            "0",
+            "--no-eval_at_start",
+            "--save_steps",
+            "0",
+            "--batch_size",
+            "2",
+            "--data_cache_dir",
+            str(tmp_path / "cache"),
+        ],
+        nproc=2,
+        tmp=tmp_path,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stdout[-4000:]
     # Rank 0 alone tokenized each file (the other rank waited, then mapped the entries).
     assert res.stdout.count("qsft: tokenizing ") == 4

@@ -28,8 +28,7 @@ def _model(attn: str):
     # sequences in position_ids, and attention would cross example boundaries.
     config.use_cache = False
     attention.register()
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                            attn_implementation=attn)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
 
 
 def _extra(mb: dict, attn: str) -> dict:
@@ -60,9 +59,9 @@ def test_collate_packed_restarts_positions_and_cuts_label_boundaries(data):
     assert pos[: sum(lens)] == [p for n in lens for p in range(n)]
     at = 0
     for i, n in zip((0, 1, 2), lens, strict=True):
-        assert mb["input_ids"][0, at:at + n].tolist() == ts.input_ids[i]
+        assert mb["input_ids"][0, at : at + n].tolist() == ts.input_ids[i]
         assert mb["labels"][0, at] == IGNORE_INDEX  # never predict across a boundary
-        assert mb["labels"][0, at + 1:at + n].tolist() == ts.labels[i][1:]
+        assert mb["labels"][0, at + 1 : at + n].tolist() == ts.labels[i][1:]
         at += n
     assert "attention_mask" not in mb
 
@@ -76,8 +75,10 @@ def test_eos_is_trained_where_pad_is_eos(tmp_path):
     assert tok.pad_token_id == tok.eos_token_id
     recs = [{"prompt": f"Task {i}.\n", "completion": "x" * (i + 1)} for i in range(3)]
     ts = tokenize_records(recs, tok, 64, prompt_format="raw")
-    for mb in (collate_packed([[0, 1, 2]], ts, tok.pad_token_id),
-               collate(ts.input_ids, ts.labels, tok.pad_token_id)):
+    for mb in (
+        collate_packed([[0, 1, 2]], ts, tok.pad_token_id),
+        collate(ts.input_ids, ts.labels, tok.pad_token_id),
+    ):
         labels, ids = mb["labels"], mb["input_ids"]
         trained_eos = int(((labels == tok.eos_token_id) & (ids == tok.eos_token_id)).sum())
         assert trained_eos == 3  # one per answer
@@ -94,14 +95,20 @@ def test_packed_step_equals_unpacked_loss_and_gradients(data, attn):
 
     def run(batches):
         model = _model(attn)
-        loss = sum(model(**mb, **_extra(mb, attn), num_items_in_batch=n_items).loss
-                   for mb in batches)
+        loss = sum(
+            model(**mb, **_extra(mb, attn), num_items_in_batch=n_items).loss for mb in batches
+        )
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    unpacked = [collate([ts.input_ids[i] for i in examples[k:k + 2]],
-                        [ts.labels[i] for i in examples[k:k + 2]], tok.pad_token_id)
-                for k in range(0, 8, 2)]
+    unpacked = [
+        collate(
+            [ts.input_ids[i] for i in examples[k : k + 2]],
+            [ts.labels[i] for i in examples[k : k + 2]],
+            tok.pad_token_id,
+        )
+        for k in range(0, 8, 2)
+    ]
     bins = pack_bfd([len(x) for x in ts.input_ids], examples, capacity=512)
     assert len(bins) < 8  # really packed
     packed = [collate_packed([b], ts, tok.pad_token_id) for b in bins]
@@ -120,13 +127,13 @@ def test_no_attention_between_packed_examples(data, attn):
     mb = collate_packed([[3, 4, 5]], ts, tok.pad_token_id)
     a, b = len(ts.input_ids[3]), len(ts.input_ids[4])
     changed = {k: v.clone() for k, v in mb.items()}
-    changed["input_ids"][0, a:a + b] = torch.randint(10, 400, (b,))  # another middle example
+    changed["input_ids"][0, a : a + b] = torch.randint(10, 400, (b,))  # another middle example
     with torch.no_grad():
         before = model(**mb, **_extra(mb, attn)).logits
         after = model(**changed, **_extra(changed, attn)).logits
     assert torch.equal(before[0, :a], after[0, :a])  # earlier example: untouched
-    assert torch.allclose(before[0, a + b:], after[0, a + b:], rtol=0, atol=1e-5)  # later one
-    assert not torch.allclose(before[0, a:a + b], after[0, a:a + b])  # the changed one did
+    assert torch.allclose(before[0, a + b :], after[0, a + b :], rtol=0, atol=1e-5)  # later one
+    assert not torch.allclose(before[0, a : a + b], after[0, a : a + b])  # the changed one did
 
 
 def test_packed_attention_matches_the_masked_sdpa_path(data):
@@ -137,8 +144,9 @@ def test_packed_attention_matches_the_masked_sdpa_path(data):
     spans = attention.packed_segments(mb["position_ids"])
     fills = [sum(len(ts.input_ids[i]) for i in b) for b in bins[:3]]
     assert len(set(fills)) > 1  # so some row has tail padding: one more span
-    assert [len(r) for r in spans] == [len(b) + (f < max(fills))
-                                      for b, f in zip(bins[:3], fills, strict=True)]
+    assert [len(r) for r in spans] == [
+        len(b) + (f < max(fills)) for b, f in zip(bins[:3], fills, strict=True)
+    ]
     ours, theirs = _model(attention.NAME), _model("sdpa")
     theirs.load_state_dict(ours.state_dict())
     out_ours = ours(**mb, **_extra(mb, attention.NAME), num_items_in_batch=1)
@@ -174,8 +182,10 @@ def test_trainer_loss_on_packed_rows_equals_the_models_loss(data):
 def test_packed_sampler_visits_each_example_once_per_epoch_on_any_split(data):
     ts, tok = data
     one = Sampler(ts, micro=1, accum=4, world=1, rank=0, seed=5, pad_id=0, pack_to=512)
-    two = [Sampler(ts, micro=1, accum=2, world=2, rank=r, seed=5, pad_id=0, pack_to=512)
-           for r in (0, 1)]
+    two = [
+        Sampler(ts, micro=1, accum=2, world=2, rank=r, seed=5, pad_id=0, pack_to=512)
+        for r in (0, 1)
+    ]
     n_bins = len(one.units(0))
     assert n_bins < len(ts) / 2  # ~4 examples per 512-token sequence
     seen = []

@@ -29,10 +29,28 @@ STEPS, SAVE = 12, 6
 
 def _args(out: Path, nproc: int = 2) -> list[str]:
     accum = 4 // nproc  # the same global batch (8) on 1 or 2 ranks
-    return ["--model_size", "tiny", "--max_seq_length", "512", "--output_dir", str(out),
-            "--eval_file", str(EVAL_SMALL), "--max_steps", str(STEPS),
-            "--save_steps", str(SAVE), "--eval_steps", "100", "--logging_steps", "1",
-            "--batch_size", "2", "--gradient_accumulation_steps", str(accum)]
+    return [
+        "--model_size",
+        "tiny",
+        "--max_seq_length",
+        "512",
+        "--output_dir",
+        str(out),
+        "--eval_file",
+        str(EVAL_SMALL),
+        "--max_steps",
+        str(STEPS),
+        "--save_steps",
+        str(SAVE),
+        "--eval_steps",
+        "100",
+        "--logging_steps",
+        "1",
+        "--batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        str(accum),
+    ]
 
 
 def _run(tmp: Path, out: Path, nproc: int = 2, env: dict | None = None, ok: bool = True):
@@ -61,8 +79,9 @@ def _samples(out: Path) -> dict[int, list[int]]:
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / f"checkpoint-{STEPS}" / "consolidated" /
-                     "model.safetensors")
+    return load_file(
+        out / "checkpoints" / f"checkpoint-{STEPS}" / "consolidated" / "model.safetensors"
+    )
 
 
 def _latest(out: Path) -> str:
@@ -111,13 +130,15 @@ def test_sigkill_after_a_checkpoint_resumes_exactly(reference, tmp_path):
     assert not (out / "checkpoints" / f"checkpoint-{STEPS}" / "COMPLETE").exists()
     res = _run(tmp_path, out)
     assert f"resumed from {out / 'checkpoints' / f'checkpoint-{SAVE}'} at step {SAVE}" in (
-        res.stdout)
+        res.stdout
+    )
     # The restart maps the data the first launch tokenized (the cache in the output dir).
     assert "qsft: tokenizing" not in res.stdout and "tokenized earlier" in res.stdout
     _assert_same_run(out, reference, SAVE)
     events = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "resume", "step": SAVE, "tag": f"checkpoint-{SAVE}", "world_size": 2} in (
-        events)
+        events
+    )
 
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(reference, tmp_path):
@@ -125,8 +146,11 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(reference, tmp_path)
     res = _run(tmp_path, out, env={"QSFT_TEST_KILL_IN_SAVE_AT_STEP": str(STEPS)}, ok=False)
     assert res.returncode != 0
     broken = out / "checkpoints" / f"checkpoint-{STEPS}"
-    assert broken.is_dir() and list(broken.glob("zero_pp_rank_*")) and not (
-        broken / "COMPLETE").exists()
+    assert (
+        broken.is_dir()
+        and list(broken.glob("zero_pp_rank_*"))
+        and not (broken / "COMPLETE").exists()
+    )
     assert _latest(out) == f"checkpoint-{SAVE}"
     res = _run(tmp_path, out)
     assert f"ignoring checkpoint-{STEPS}: incomplete" in res.stdout
@@ -136,14 +160,23 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(reference, tmp_path)
 
 def _rank_processes(proc) -> list[psutil.Process]:
     kids = psutil.Process(proc.pid).children(recursive=True)
-    return [p for p in kids if "launch/train.py" in " ".join(p.cmdline())
-            and "deepspeed.launcher" not in " ".join(p.cmdline())]
+    return [
+        p
+        for p in kids
+        if "launch/train.py" in " ".join(p.cmdline())
+        and "deepspeed.launcher" not in " ".join(p.cmdline())
+    ]
 
 
 def _wait_for_step(out: Path, proc, step: int) -> None:
     metrics = out / "logs" / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and any(
-        json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()), proc)
+    _wait_for(
+        lambda: (
+            metrics.exists()
+            and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines())
+        ),
+        proc,
+    )
 
 
 def test_sigterm_to_the_ranks_saves_exits_0_and_resumes_exactly(reference, tmp_path):
@@ -171,8 +204,7 @@ def test_sigterm_to_every_process_like_slurm_still_saves(tmp_path):
     stopped = int(_latest(out).split("-")[1])
     assert 2 <= stopped < STEPS, text[-3000:]
     assert (out / "checkpoints" / f"checkpoint-{stopped}" / "COMPLETE").exists()
-    assert f"stopped at step {stopped} (SIGTERM)" in (out / "logs" / "training_log.txt"
-                                                       ).read_text()
+    assert f"stopped at step {stopped} (SIGTERM)" in (out / "logs" / "training_log.txt").read_text()
 
 
 def test_stop_file_stops_cleanly(tmp_path):
@@ -189,9 +221,11 @@ def test_stop_file_stops_cleanly(tmp_path):
 
 def _copy_checkpoint(src_run: Path, step: int, dst_run: Path) -> None:
     (dst_run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(src_run / "checkpoints" / f"checkpoint-{step}",
-                    dst_run / "checkpoints" / f"checkpoint-{step}",
-                    ignore=shutil.ignore_patterns("consolidated"))
+    shutil.copytree(
+        src_run / "checkpoints" / f"checkpoint-{step}",
+        dst_run / "checkpoints" / f"checkpoint-{step}",
+        ignore=shutil.ignore_patterns("consolidated"),
+    )
 
 
 # Changing the number of ranks changes the order of floating-point reductions only: 1 and 2
@@ -207,8 +241,7 @@ def test_elastic_resume_on_another_number_of_ranks(reference, tmp_path, src_rank
     else:  # a 1-rank run up to its first checkpoint (stopped there: the rest is not needed)
         src = tmp_path / "src"
         proc = start("launch/train.py", _args(src, 1), nproc=1, tmp=tmp_path)
-        _wait_for(lambda: (src / "checkpoints" / f"checkpoint-{SAVE}" / "COMPLETE").exists(),
-                  proc)
+        _wait_for(lambda: (src / "checkpoints" / f"checkpoint-{SAVE}" / "COMPLETE").exists(), proc)
         _kill(proc)
     out = tmp_path / "run"
     _copy_checkpoint(src, SAVE, out)
@@ -230,8 +263,7 @@ def test_two_nodes_on_loopback_train_save_and_resume_like_one_node(reference, tm
 
     out = tmp_path / "run"
     nodes = start_two_nodes(tmp_path, "launch/train.py", _args(out))
-    _wait_for(lambda: (out / "checkpoints" / f"checkpoint-{SAVE}" / "COMPLETE").exists(),
-              nodes[0])
+    _wait_for(lambda: (out / "checkpoints" / f"checkpoint-{SAVE}" / "COMPLETE").exists(), nodes[0])
     logs = []
     for node in nodes:
         os.killpg(node.pid, signal.SIGKILL)
@@ -250,11 +282,13 @@ def test_two_nodes_on_loopback_train_save_and_resume_like_one_node(reference, tm
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_and_resumes_exactly(
-        reference, tmp_path):
+    reference, tmp_path
+):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    shard = (out / "checkpoints" / f"checkpoint-{STEPS}" /
-             "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    shard = (
+        out / "checkpoints" / f"checkpoint-{STEPS}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    )
     with open(shard, "r+b") as f:  # what a full disk or a killed copy leaves behind
         f.truncate(shard.stat().st_size // 2)
     res = _run(tmp_path, out)
@@ -266,8 +300,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_and_resumes_exac
 def test_resuming_with_inputs_that_change_the_data_stream_is_refused(reference, tmp_path):
     out = tmp_path / "run"
     _copy_checkpoint(reference, SAVE, out)
-    res = launch("launch/train.py", [*_args(out), "--seed", "7", "--batch_size", "1"], nproc=2,
-                 tmp=tmp_path)
+    res = launch(
+        "launch/train.py", [*_args(out), "--seed", "7", "--batch_size", "1"], nproc=2, tmp=tmp_path
+    )
     assert res.returncode == 2, res.stdout[-3000:]
     line = [x for x in res.stdout.splitlines() if "qsft: error" in x]
     assert len(line) == 1 and "--resume_allow_changes" in line[0]

@@ -71,9 +71,23 @@ def test_train_exits_2_naming_the_keys_before_loading(base, tmp_path):
     m = _copy(base, tmp_path)
     _edit_shard(m, lambda t: t.pop("model.embed_tokens.weight"))
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "launch/train.py", "--model_size", "tiny",
-                          "--base_model", str(m), "--output_dir", str(out)], cwd=REPO,
-                         env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--model_size",
+            "tiny",
+            "--base_model",
+            str(m),
+            "--output_dir",
+            str(out),
+        ],
+        cwd=REPO,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [x for x in res.stderr.splitlines() if x.startswith("qsft: error:")]
     assert len(errors) == 1 and "missing model.embed_tokens.weight" in errors[0], res.stderr
@@ -86,7 +100,7 @@ def _zero3_like(model, rank: int, world: int) -> None:
     for p in model.parameters():
         part = math.ceil(p.numel() / world)
         flat = torch.cat([p.detach().flatten(), torch.full((part * world - p.numel(),), 7.0)])
-        p.ds_tensor = flat[rank * part:(rank + 1) * part].clone()
+        p.ds_tensor = flat[rank * part : (rank + 1) * part].clone()
         p.ds_numel = p.numel()
         p.data = torch.empty(0)
 
@@ -101,8 +115,10 @@ def test_load_check_compares_each_partition_exactly(base, rank):
     _zero3_like(model, rank, world=2)
     check = verify_loaded(model, index, base, rank=rank)
     assert check.error is None and check.tensors == len(index)
-    assert check.elements == sum(math.ceil(i.numel / 2) if rank == 0 else
-                                 i.numel - math.ceil(i.numel / 2) for i in index.values())
+    assert check.elements == sum(
+        math.ceil(i.numel / 2) if rank == 0 else i.numel - math.ceil(i.numel / 2)
+        for i in index.values()
+    )
     # One parameter of this rank's share left at a fresh init: named, whatever else is right.
     target = model.model.layers[1].mlp.up_proj.weight
     with torch.no_grad():

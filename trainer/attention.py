@@ -85,15 +85,21 @@ def available(choice: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
     if not torch.cuda.is_available():
         return f"--attention {choice}: runs on CUDA GPUs only, and this rank has none"
     if dtype not in (torch.bfloat16, torch.float16):
-        return (f"--attention {choice}: flash kernels need bf16 or fp16, the run is {dtype}; "
-                f"pass --bf16 or --attention loop")
+        return (
+            f"--attention {choice}: flash kernels need bf16 or fp16, the run is {dtype}; "
+            f"pass --bf16 or --attention loop"
+        )
     major, minor = torch.cuda.get_device_capability()
     if major < 8:  # FlashAttention-2 kernels (torch's varlen and flash-attn): Ampere or newer
-        return (f"--attention {choice}: flash kernels need an sm80+ GPU (A100, H100, ...); "
-                f"{torch.cuda.get_device_name()} is sm{major}{minor}: use --attention loop")
+        return (
+            f"--attention {choice}: flash kernels need an sm80+ GPU (A100, H100, ...); "
+            f"{torch.cuda.get_device_name()} is sm{major}{minor}: use --attention loop"
+        )
     if choice == "varlen" and _varlen_fn() is None:
-        return (f"--attention varlen: this torch ({torch.__version__}) has no "
-                f"torch.nn.attention.varlen.varlen_attn (torch >= 2.10)")
+        return (
+            f"--attention varlen: this torch ({torch.__version__}) has no "
+            f"torch.nn.attention.varlen.varlen_attn (torch >= 2.10)"
+        )
     if choice == "flash":
         try:
             import flash_attn  # noqa: F401 - installed, and built against this torch
@@ -138,38 +144,64 @@ def register(choice: str = "loop") -> str:
     return NAME
 
 
-def packed_mask(*, batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0,
-                kv_offset: int = 0, attention_mask: torch.Tensor | None = None,
-                **kwargs: Any) -> torch.Tensor | None:
+def packed_mask(
+    *,
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
     """No mask for unpadded rows, packed or not (the attention knows the boundaries); else
     transformers' sdpa mask (padded batches, generation with a cache)."""
     from transformers.masking_utils import sdpa_mask
 
     if attention_mask is None and q_length == kv_length and not kv_offset:
         return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                     q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask,
-                     **kwargs)
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The attention function
 
 
-def packed_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor,
-                             value: torch.Tensor, attention_mask: torch.Tensor | None,
-                             scaling: float | None = None, dropout: float = 0.0,
-                             packed: Packed | None = None, **kwargs: Any
-                             ) -> tuple[torch.Tensor, None]:
+def packed_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    packed: Packed | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None) like `sdpa`."""
     if packed is None:
         position_ids = kwargs.get("position_ids")
-        if (attention_mask is not None or position_ids is None
-                or query.shape[2] != key.shape[2]):
+        if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-            return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                          scaling=scaling, dropout=dropout, **kwargs)
+            return sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=scaling,
+                dropout=dropout,
+                **kwargs,
+            )
         # A direct call on unpadded rows (no mask was built): boundaries from the positions,
         # once per forward (every layer gets the same position_ids tensor).
         packed = _derived(position_ids, query.shape[0], query.device)
@@ -194,27 +226,53 @@ def _derived(position_ids: torch.Tensor, rows: int, device: Any) -> Packed:
     return last[2]
 
 
-def _loop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: Packed,
-          scaling: float | None, dropout: float) -> torch.Tensor:
+def _loop(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    packed: Packed,
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
     rows = []
     # unbind + split, not slicing: their backward is one stack/cat, where each slice's backward
     # would write a zero-filled full-size gradient per example and layer.
-    for q, k, v, spans in zip(query.unbind(0), key.unbind(0), value.unbind(0), packed.rows,
-                              strict=True):
+    for q, k, v, spans in zip(
+        query.unbind(0), key.unbind(0), value.unbind(0), packed.rows, strict=True
+    ):
         lengths = [e - s for s, e in spans]
-        parts = [F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0),
-                                                vs.unsqueeze(0), dropout_p=dropout,
-                                                is_causal=True, scale=scaling, enable_gqa=gqa)
-                 for qs, ks, vs in zip(q.split(lengths, dim=1), k.split(lengths, dim=1),
-                                       v.split(lengths, dim=1), strict=True)]
+        parts = [
+            F.scaled_dot_product_attention(
+                qs.unsqueeze(0),
+                ks.unsqueeze(0),
+                vs.unsqueeze(0),
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            for qs, ks, vs in zip(
+                q.split(lengths, dim=1),
+                k.split(lengths, dim=1),
+                v.split(lengths, dim=1),
+                strict=True,
+            )
+        ]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous()
 
 
-def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: Packed,
-            scaling: float | None, dropout: float, impl: str) -> torch.Tensor:
+def _varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    packed: Packed,
+    scaling: float | None,
+    dropout: float,
+    impl: str,
+) -> torch.Tensor:
     """One varlen kernel over every example of the micro-batch: [B, H, T, D] -> [B, T, H, D]."""
     b, hq, t, d = query.shape
     # [B, H, T, D] -> [B·T, H, D]: the tokens of all rows end to end, as cu_seqlens counts them.
@@ -223,8 +281,9 @@ def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed:
     if impl == "flash":
         from flash_attn import flash_attn_varlen_func
 
-        out = flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout,
-                                     softmax_scale=scaling, causal=True)
+        out = flash_attn_varlen_func(
+            q, k, v, cu, cu, n, n, dropout_p=dropout, softmax_scale=scaling, causal=True
+        )
     else:
         if dropout:
             raise ValueError("--attention varlen has no attention dropout; use flash or loop")
@@ -232,8 +291,15 @@ def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed:
     return out.reshape(b, t, hq, d)
 
 
-def varlen_call(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-                max_len: int, scale: float | None) -> torch.Tensor:
+def varlen_call(
+    fn: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    scale: float | None,
+) -> torch.Tensor:
     """Causal varlen_attn across torch versions: 2.13 takes window_size=(-1, 0) for causal,
     scale and enable_gqa; the first releases took is_causal and neither of the others (their
     scale is 1/sqrt(head_dim), and key/value heads are repeated to the query heads' count)."""
@@ -242,9 +308,11 @@ def varlen_call(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: 
     if has_scale:
         kwargs["scale"] = scale
     elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6 * scale:
-        raise ValueError(f"this torch's varlen_attn has no scale argument and the model's "
-                         f"attention scale {scale} is not 1/sqrt(head_dim); use --attention "
-                         f"flash or loop")
+        raise ValueError(
+            f"this torch's varlen_attn has no scale argument and the model's "
+            f"attention scale {scale} is not 1/sqrt(head_dim); use --attention "
+            f"flash or loop"
+        )
     if q.shape[1] != k.shape[1]:
         if gqa:
             kwargs["enable_gqa"] = True

@@ -38,20 +38,21 @@ class StepBatches:
     padded_tokens: int  # positions in this rank's micro-batches, padding included
 
 
-def pack_bfd(lengths: list[int] | np.ndarray, order: list[int] | np.ndarray, capacity: int
-             ) -> list[list[int]]:
+def pack_bfd(
+    lengths: list[int] | np.ndarray, order: list[int] | np.ndarray, capacity: int
+) -> list[list[int]]:
     """Best-fit-decreasing bin packing of examples into sequences of `capacity` tokens.
 
     Examples go in decreasing length (ties in `order`'s order, so a new permutation gives new
     bins), each into the bin with the least room that still fits it (the oldest such bin).
     """
-    items, starts = pack_bfd_flat(np.asarray(lengths), np.asarray(order, dtype=np.int64),
-                                  capacity)
-    return [items[starts[b]:starts[b + 1]].tolist() for b in range(len(starts) - 1)]
+    items, starts = pack_bfd_flat(np.asarray(lengths), np.asarray(order, dtype=np.int64), capacity)
+    return [items[starts[b] : starts[b + 1]].tolist() for b in range(len(starts) - 1)]
 
 
-def pack_bfd_flat(lengths: np.ndarray, order: np.ndarray, capacity: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def pack_bfd_flat(
+    lengths: np.ndarray, order: np.ndarray, capacity: int
+) -> tuple[np.ndarray, np.ndarray]:
     """pack_bfd as flat arrays: bin b holds items[starts[b]:starts[b + 1]], bins in the order
     they were opened, each bin's examples in the order they went in.
 
@@ -104,7 +105,7 @@ class Units:
         if isinstance(u, slice):
             return [self[k] for k in range(*u.indices(len(self)))]
         u = u if u >= 0 else len(self) + u
-        return self.items[self.starts[u]:self.starts[u + 1]].tolist()
+        return self.items[self.starts[u] : self.starts[u + 1]].tolist()
 
     def __iter__(self):
         return (self[k] for k in range(len(self)))
@@ -141,21 +142,33 @@ class Sampler:
     different examples each epoch, one with more repeats some.
     """
 
-    def __init__(self, data: TokenizedSet, micro: int, accum: int, world: int, rank: int,
-                 seed: int, pad_id: int, pack_to: int | None = None):
+    def __init__(
+        self,
+        data: TokenizedSet,
+        micro: int,
+        accum: int,
+        world: int,
+        rank: int,
+        seed: int,
+        pad_id: int,
+        pack_to: int | None = None,
+    ):
         self.data, self.micro, self.accum, self.world, self.rank = data, micro, accum, world, rank
         self.seed, self.pad_id, self.pack_to = seed, pad_id, pack_to
         self.global_batch = micro * accum * world
         self._cached: tuple[int, Units] | None = None
         self._epoch_sizes: list[int] = []
         parts = [p for p in data.parts if p.get("weight") is not None]
-        self.quotas = (quotas([p["weight"] for p in parts], [p["examples"] for p in parts])
-                       if parts else None)
+        self.quotas = (
+            quotas([p["weight"] for p in parts], [p["examples"] for p in parts]) if parts else None
+        )
         if len(self.units(0)) < self.global_batch:
             what = "packed sequences" if pack_to else "training examples"
-            raise DataError(f"{len(self.units(0))} {what} are fewer than one global batch "
-                            f"(batch_size {micro} x grad_accum {accum} x world {world}); "
-                            f"lower the batch flags")
+            raise DataError(
+                f"{len(self.units(0))} {what} are fewer than one global batch "
+                f"(batch_size {micro} x grad_accum {accum} x world {world}); "
+                f"lower the batch flags"
+            )
 
     @property
     def steps_per_epoch(self) -> float:
@@ -174,10 +187,16 @@ class Sampler:
             # Positions [epoch * quota, (epoch + 1) * quota) of the file's stream: one seeded
             # permutation of its examples after another.
             lo, hi = epoch * quota, (epoch + 1) * quota
-            cycles = [np.random.default_rng([self.seed, 1, k, c]).permutation(n)
-                      for c in range(lo // n, (hi - 1) // n + 1)] if quota else []
+            cycles = (
+                [
+                    np.random.default_rng([self.seed, 1, k, c]).permutation(n)
+                    for c in range(lo // n, (hi - 1) // n + 1)
+                ]
+                if quota
+                else []
+            )
             stream = np.concatenate(cycles) if cycles else np.zeros(0, dtype=np.int64)
-            picks.append(first + stream[lo - (lo // n) * n:hi - (lo // n) * n])
+            picks.append(first + stream[lo - (lo // n) * n : hi - (lo // n) * n])
         return np.concatenate(picks)
 
     def units(self, epoch: int) -> Units:
@@ -207,7 +226,7 @@ class Sampler:
             k = pos - self._epoch_start(epoch)
             units = self.units(epoch)
             take = min(self.global_batch - len(out), len(units) - k)
-            out += units[k:k + take]
+            out += units[k : k + take]
             pos += take
             epoch += 1
         return out
@@ -222,10 +241,13 @@ class Sampler:
         column = self.data.input_ids
         for j in range(self.accum):
             base = j * self.micro * self.world + self.rank * self.micro
-            units = chosen[base:base + self.micro]
+            units = chosen[base : base + self.micro]
             if self.pack_to is None:
-                mb = collate([column.array(u[0]) for u in units],
-                             [self.data.labels.array(u[0]) for u in units], self.pad_id)
+                mb = collate(
+                    [column.array(u[0]) for u in units],
+                    [self.data.labels.array(u[0]) for u in units],
+                    self.pad_id,
+                )
             else:
                 mb = collate_packed(units, self.data, self.pad_id)
             micro_batches.append(mb)
@@ -253,8 +275,9 @@ def collate(input_ids: list[Any], labels: list[Any], pad_id: int) -> dict[str, t
     return {"input_ids": ids, "labels": lab, "attention_mask": mask}
 
 
-def collate_packed(units: list[list[int]], data: TokenizedSet, pad_id: int
-                   ) -> dict[str, torch.Tensor]:
+def collate_packed(
+    units: list[list[int]], data: TokenizedSet, pad_id: int
+) -> dict[str, torch.Tensor]:
     """One row per bin: its examples back to back, position_ids restarting at 0 for each.
 
     No attention_mask is passed: transformers (5.x, sdpa/eager/flex via create_causal_mask and
@@ -273,16 +296,17 @@ def collate_packed(units: list[list[int]], data: TokenizedSet, pad_id: int
         at = 0
         for i in examples:
             x, y = data.input_ids.array(i), data.labels.array(i)
-            ids[row, at:at + len(x)] = _long(x)
-            lab[row, at + 1:at + len(y)] = _long(y[1:])
-            pos[row, at:at + len(x)] = torch.arange(len(x))
+            ids[row, at : at + len(x)] = _long(x)
+            lab[row, at + 1 : at + len(y)] = _long(y[1:])
+            pos[row, at : at + len(x)] = torch.arange(len(x))
             at += len(x)
         pos[row, at:] = torch.arange(width - at)
     return {"input_ids": ids, "labels": lab, "position_ids": pos}
 
 
-def eval_batches(data: TokenizedSet, batch: int, world: int, rank: int, pad_id: int
-                 ) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+def eval_batches(
+    data: TokenizedSet, batch: int, world: int, rank: int, pad_id: int
+) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
     """This rank's eval micro-batches, padded so that every rank runs the same number.
 
     Under ZeRO-3 a forward pass is a collective, so a rank with fewer examples still runs the
@@ -292,8 +316,12 @@ def eval_batches(data: TokenizedSet, batch: int, world: int, rank: int, pad_id: 
     n_batches = math.ceil(per_rank / batch)
     mine = list(range(rank, len(data), world))
     for b in range(n_batches):
-        idx = mine[b * batch:(b + 1) * batch]
+        idx = mine[b * batch : (b + 1) * batch]
         real = bool(idx)
         idx = idx or [0]
-        yield collate([data.input_ids.array(i) for i in idx],
-                      [data.labels.array(i) for i in idx], pad_id), real
+        yield (
+            collate(
+                [data.input_ids.array(i) for i in idx], [data.labels.array(i) for i in idx], pad_id
+            ),
+            real,
+        )

@@ -104,8 +104,10 @@ def read_marker(tag_dir: Path) -> dict[str, Any] | None:
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete (resumable) tag directories under root, oldest first."""
     tags = [p for p in Path(root).glob("checkpoint-*") if p.is_dir() and step_of(p.name) >= 0]
-    return sorted((p for p in tags if read_marker(p) and not (p / PRUNED).exists()),
-                  key=lambda p: step_of(p.name))
+    return sorted(
+        (p for p in tags if read_marker(p) and not (p / PRUNED).exists()),
+        key=lambda p: step_of(p.name),
+    )
 
 
 @dataclass
@@ -126,8 +128,10 @@ def find_resume_point(cfg: RunConfig) -> ResumePoint | None:
     root = checkpoint_root(cfg.output_dir)
     if cfg.resume == "none":
         if complete_checkpoints(root) and not cfg.overwrite:
-            raise ConfigError(f"--resume none: {root} already holds checkpoints; pass "
-                              f"--overwrite to replace the run or --resume auto to continue it")
+            raise ConfigError(
+                f"--resume none: {root} already holds checkpoints; pass "
+                f"--overwrite to replace the run or --resume auto to continue it"
+            )
         return None
     damaged: list[str] = []
     if cfg.resume == "auto":
@@ -136,34 +140,52 @@ def find_resume_point(cfg: RunConfig) -> ResumePoint | None:
             damaged.append(f"{done.pop().name} is damaged ({problem})")
         if not done:
             if damaged:
-                raise ConfigError(f"--resume auto: no usable checkpoint in {root}: "
-                                  f"{'; '.join(damaged)}; pass --resume none --overwrite to "
-                                  f"start over")
+                raise ConfigError(
+                    f"--resume auto: no usable checkpoint in {root}: "
+                    f"{'; '.join(damaged)}; pass --resume none --overwrite to "
+                    f"start over"
+                )
             return None
         tag_dir = done[-1]
-        skipped = sorted((p.name for p in root.glob("checkpoint-*")
-                          if p.is_dir() and step_of(p.name) > step_of(tag_dir.name)
-                          and not any((p / m).exists() for m in (COMPLETE, PRUNED))),
-                         key=step_of)
+        skipped = sorted(
+            (
+                p.name
+                for p in root.glob("checkpoint-*")
+                if p.is_dir()
+                and step_of(p.name) > step_of(tag_dir.name)
+                and not any((p / m).exists() for m in (COMPLETE, PRUNED))
+            ),
+            key=step_of,
+        )
     else:
         tag_dir, skipped = Path(cfg.resume), []
         if not read_marker(tag_dir):
-            raise ConfigError(f"--resume {tag_dir}: not a complete checkpoint (no {COMPLETE} "
-                              f"marker); a save was interrupted there, or retention removed "
-                              f"its resumable state")
+            raise ConfigError(
+                f"--resume {tag_dir}: not a complete checkpoint (no {COMPLETE} "
+                f"marker); a save was interrupted there, or retention removed "
+                f"its resumable state"
+            )
         problem = verify_files(tag_dir, read_marker(tag_dir) or {})
         if problem:
             raise ConfigError(f"--resume {tag_dir}: damaged checkpoint: {problem}")
         # Pruned ones count: their consolidated models would be replaced on the way.
-        newer = sorted((p.name for p in root.glob("checkpoint-*") if p.is_dir()
-                        and step_of(p.name) > step_of(tag_dir.name)
-                        and any((p / m).exists() for m in (COMPLETE, PRUNED, CONSOLIDATED))),
-                       key=step_of)
+        newer = sorted(
+            (
+                p.name
+                for p in root.glob("checkpoint-*")
+                if p.is_dir()
+                and step_of(p.name) > step_of(tag_dir.name)
+                and any((p / m).exists() for m in (COMPLETE, PRUNED, CONSOLIDATED))
+            ),
+            key=step_of,
+        )
         if newer and Path(tag_dir).resolve().parent == root.resolve():
             # They belong to another trajectory: --resume auto would later pick them up, and
             # --keep_last would count them. Going back in time is explicit.
-            raise ConfigError(f"--resume {tag_dir}: newer checkpoints {newer} exist in {root}; "
-                              f"move them away or delete them before going back")
+            raise ConfigError(
+                f"--resume {tag_dir}: newer checkpoints {newer} exist in {root}; "
+                f"move them away or delete them before going back"
+            )
     marker = read_marker(tag_dir)
     return ResumePoint(tag_dir, int(marker["world_size"]), skipped, marker, damaged)
 
@@ -176,10 +198,12 @@ def check_inputs(point: ResumePoint, now: dict[str, Any], allow: bool) -> list[s
         return []  # written before fingerprints were recorded
     diffs = faults.differences(saved, now)
     if diffs and not allow:
-        raise ConfigError(f"--resume: {point.tag_dir} was written with other inputs: "
-                          f"{'; '.join(diffs)} (they change the data stream or the learning-rate "
-                          f"schedule); pass --resume_allow_changes to continue anyway, or start "
-                          f"a new --output_dir")
+        raise ConfigError(
+            f"--resume: {point.tag_dir} was written with other inputs: "
+            f"{'; '.join(diffs)} (they change the data stream or the learning-rate "
+            f"schedule); pass --resume_allow_changes to continue anyway, or start "
+            f"a new --output_dir"
+        )
     return diffs
 
 
@@ -193,17 +217,24 @@ def check_format(point: ResumePoint, info: dict[str, Any], requested: str) -> No
     """
     saved = point.marker.get("data_format") or {"prompt_format": "chat"}
     if saved["prompt_format"] != info["prompt_format"]:
-        how = ("--prompt_format auto picks it for this data" if requested == "auto"
-               else f"--prompt_format {requested}")
-        raise ConfigError(f"--resume: {point.tag_dir} was trained in the {saved['prompt_format']} "
-                          f"prompt format, this run would train {info['prompt_format']} ({how}); "
-                          f"pass --prompt_format {saved['prompt_format']} to continue it, or "
-                          f"start a new --output_dir")
+        how = (
+            "--prompt_format auto picks it for this data"
+            if requested == "auto"
+            else f"--prompt_format {requested}"
+        )
+        raise ConfigError(
+            f"--resume: {point.tag_dir} was trained in the {saved['prompt_format']} "
+            f"prompt format, this run would train {info['prompt_format']} ({how}); "
+            f"pass --prompt_format {saved['prompt_format']} to continue it, or "
+            f"start a new --output_dir"
+        )
     ends = [e["id"] for e in info["end_tokens"]]
     if "end_tokens" in saved and saved["end_tokens"] != ends:
-        raise ConfigError(f"--resume: {point.tag_dir} taught answers to end with token(s) "
-                          f"{saved['end_tokens']}, this run's tokenizer and data end them with "
-                          f"{ends}; use the tokenizer it was trained with")
+        raise ConfigError(
+            f"--resume: {point.tag_dir} taught answers to end with token(s) "
+            f"{saved['end_tokens']}, this run's tokenizer and data end them with "
+            f"{ends}; use the tokenizer it was trained with"
+        )
 
 
 def last_checkpoint(cfg: RunConfig) -> str:
@@ -230,13 +261,20 @@ def check_disk_at_start(cfg: RunConfig, dtype: torch.dtype, resume_step: int | N
     if overwrite and root.is_dir():
         free += sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     if free < needed:
-        raise ConfigError(faults.space_error(
-            cfg.output_dir, needed, free, f"--output_dir {cfg.output_dir}: not enough disk for "
-            f"one checkpoint", "free space or choose another --output_dir"))
+        raise ConfigError(
+            faults.space_error(
+                cfg.output_dir,
+                needed,
+                free,
+                f"--output_dir {cfg.output_dir}: not enough disk for one checkpoint",
+                "free space or choose another --output_dir",
+            )
+        )
 
 
-def checkpoint_needs(cfg: RunConfig, dtype: torch.dtype, step: int | None,
-                     measured: bool = True) -> int:
+def checkpoint_needs(
+    cfg: RunConfig, dtype: torch.dtype, step: int | None, measured: bool = True
+) -> int:
     """Bytes one more checkpoint takes: the newest checkpoint's state as its COMPLETE marker
     recorded it (not universal/ or a consolidation in progress), else the planner's estimate
     from the model's shape (14 bytes/param); plus the consolidated model when this save gets
@@ -246,8 +284,9 @@ def checkpoint_needs(cfg: RunConfig, dtype: torch.dtype, step: int | None,
     config = json.loads((Path(cfg.model_dir) / "config.json").read_text())
     n = Shape.from_config(config).total_params()
     e = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    consolidates = cfg.consolidate == "every" or (cfg.consolidate == "final" and (
-        step is None or step == cfg.max_steps))
+    consolidates = cfg.consolidate == "every" or (
+        cfg.consolidate == "final" and (step is None or step == cfg.max_steps)
+    )
     state_b, model_b = faults.state_bytes(n), e * n
     done = complete_checkpoints(checkpoint_root(cfg.output_dir)) if measured else []
     if done:
@@ -276,10 +315,17 @@ def _rng_state() -> dict[str, Any]:
     """Every generator's state in types `torch.load(weights_only=True)` accepts (numpy's key
     array as a tensor), so loading a checkpoint never unpickles arbitrary objects."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                       float(gauss)),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -366,8 +412,9 @@ class SaveInfo:
     eval_summary: dict[str, Any]  # this step's eval and the best so far -> hf/EVAL_FILE
 
 
-def save(engine: Any, output_dir: Path, state: TrainerState, info: SaveInfo
-         ) -> tuple[Path, float, int]:
+def save(
+    engine: Any, output_dir: Path, state: TrainerState, info: SaveInfo
+) -> tuple[Path, float, int]:
     """Save and publish a checkpoint; all ranks call it. Returns (tag dir, seconds, bytes).
 
     Besides DeepSpeed's shards, the tag gets the trainer state with every rank's RNG, and `hf/`:
@@ -388,8 +435,9 @@ def save(engine: Any, output_dir: Path, state: TrainerState, info: SaveInfo
     dist.barrier()
     error: BaseException | None = None
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state={STATE_KEY: state.state_dict()},
-                               save_latest=False)
+        engine.save_checkpoint(
+            str(root), tag=tag, client_state={STATE_KEY: state.state_dict()}, save_latest=False
+        )
     except (OSError, RuntimeError) as e:
         # A write failed between DeepSpeed's tag check (its last collective before the writes)
         # and the end of its save_checkpoint, where the ranks that succeeded go on with the
@@ -404,8 +452,10 @@ def save(engine: Any, output_dir: Path, state: TrainerState, info: SaveInfo
     probe = _probe_logits(engine, info.probe_ids)  # a forward pass: every rank takes part
     try:
         if dist.is_main() and error is None:
-            torch.save({"state": state.state_dict(), "rng": rng,
-                        "world_size": dist.world_size()}, tag_dir / STATE_FILE)
+            torch.save(
+                {"state": state.state_dict(), "rng": rng, "world_size": dist.world_size()},
+                tag_dir / STATE_FILE,
+            )
             hf = tag_dir / HF_SUBDIR
             info.export.write(hf, engine.module)
             torch.save(probe, hf / PROBE_FILE)
@@ -414,33 +464,58 @@ def save(engine: Any, output_dir: Path, state: TrainerState, info: SaveInfo
             _fsync(_own_files(tag_dir))
     except (OSError, RuntimeError) as e:
         error = e
-    failures = [f for f in dist.gather_objects(_describe(error, output_dir, info.needed))
-                if f is not None]
+    failures = [
+        f for f in dist.gather_objects(_describe(error, output_dir, info.needed)) if f is not None
+    ]
     if failures:
         out_of_space, what = failures[0]
         if dist.is_main():
             shutil.rmtree(tag_dir, ignore_errors=True)  # never leave a partial tag filling disk
         dist.barrier()
         latest = root / "latest"
-        keep = (f"{root / latest.read_text().strip()} is intact and --resume auto continues "
-                f"from it" if latest.is_file() else "no earlier checkpoint to resume from")
+        keep = (
+            f"{root / latest.read_text().strip()} is intact and --resume auto continues from it"
+            if latest.is_file()
+            else "no earlier checkpoint to resume from"
+        )
         if out_of_space:
-            raise RunError(faults.space_error(
-                root, info.needed, faults.free_bytes(root), f"out of disk space saving {tag}",
-                f"the partial {tag} was removed; {keep} once space is freed"))
+            raise RunError(
+                faults.space_error(
+                    root,
+                    info.needed,
+                    faults.free_bytes(root),
+                    f"out of disk space saving {tag}",
+                    f"the partial {tag} was removed; {keep} once space is freed",
+                )
+            )
         raise RunError(f"saving {tag} failed ({what}); the partial {tag} was removed; {keep}")
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         if os.environ.get(FAULT_ENV) == str(state.step):
             os.kill(os.getpid(), signal.SIGKILL)
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size
-                 for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-        data_format = {"prompt_format": info.export.info["prompt_format"],
-                       "end_tokens": [e["id"] for e in info.export.info["end_tokens"]]}
-        _atomic_write(tag_dir / COMPLETE, json.dumps(
-            {"step": state.step, "world_size": dist.world_size(), "files": files,
-             "data_format": data_format, **info.marker,
-             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
+        files = {
+            str(p.relative_to(tag_dir)): p.stat().st_size
+            for p in sorted(tag_dir.rglob("*"))
+            if p.is_file()
+        }
+        data_format = {
+            "prompt_format": info.export.info["prompt_format"],
+            "end_tokens": [e["id"] for e in info.export.info["end_tokens"]],
+        }
+        _atomic_write(
+            tag_dir / COMPLETE,
+            json.dumps(
+                {
+                    "step": state.step,
+                    "world_size": dist.world_size(),
+                    "files": files,
+                    "data_format": data_format,
+                    **info.marker,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                indent=1,
+            ),
+        )
         _atomic_write(root / "latest", tag)  # DeepSpeed's format: the tag name
     dist.barrier()
     seconds = time.perf_counter() - t0
@@ -448,13 +523,16 @@ def save(engine: Any, output_dir: Path, state: TrainerState, info: SaveInfo
     return tag_dir, seconds, size
 
 
-def _describe(error: BaseException | None, output_dir: Path, needed: int
-              ) -> tuple[bool, str] | None:
+def _describe(
+    error: BaseException | None, output_dir: Path, needed: int
+) -> tuple[bool, str] | None:
     if error is None:
         return None
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return (faults.is_out_of_space(error, output_dir, needed),
-            f"rank {dist.rank()}: {type(error).__name__}: {first}")
+    return (
+        faults.is_out_of_space(error, output_dir, needed),
+        f"rank {dist.rank()}: {type(error).__name__}: {first}",
+    )
 
 
 @torch.no_grad()
@@ -463,13 +541,22 @@ def _probe_logits(engine: Any, input_ids: torch.Tensor) -> dict[str, Any]:
     engine.eval()
     logits = engine(input_ids=input_ids.to(engine.device), use_cache=False).logits.float().cpu()
     engine.train(was_training)
-    return {"input_ids": input_ids.cpu(), "lse": torch.logsumexp(logits, dim=-1),
-            "head": logits[..., :256].clone(),
-            "dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
+    return {
+        "input_ids": input_ids.cpu(),
+        "lse": torch.logsumexp(logits, dim=-1),
+        "head": logits[..., :256].clone(),
+        "dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch."),
+    }
 
 
-def prune(output_dir: Path, keep_last: int, keep_best: bool, state: TrainerState,
-          keep_consolidated: int = 0, wanted: Any = lambda step: False) -> list[str]:
+def prune(
+    output_dir: Path,
+    keep_last: int,
+    keep_best: bool,
+    state: TrainerState,
+    keep_consolidated: int = 0,
+    wanted: Any = lambda step: False,
+) -> list[str]:
     """Apply the retention policy; returns one line per checkpoint changed. Rank 0 only, after
     `latest` names the new checkpoint.
 
@@ -485,25 +572,37 @@ def prune(output_dir: Path, keep_last: int, keep_best: bool, state: TrainerState
         return []
     root = checkpoint_root(output_dir)
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
-    tags = sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and step_of(p.name) >= 0
-                   and any((p / m).exists() for m in (COMPLETE, PRUNED, CONSOLIDATED))),
-                  key=lambda p: step_of(p.name))
+    tags = sorted(
+        (
+            p
+            for p in root.glob("checkpoint-*")
+            if p.is_dir()
+            and step_of(p.name) >= 0
+            and any((p / m).exists() for m in (COMPLETE, PRUNED, CONSOLIDATED))
+        ),
+        key=lambda p: step_of(p.name),
+    )
     saved = {step_of(p.name) for p in tags}
     evals = [r for r in state.eval_history if r["step"] in saved]
     best = tag_for(min(evals, key=lambda r: r["eval_loss"])["step"]) if evals else None
     spared = {latest} | ({best} if keep_best else set())
     resumable = [p for p in tags if _resumable(p)]
-    keep_state = {p.name for p in resumable[-keep_last:]} if keep_last > 0 else {
-        p.name for p in resumable}
+    keep_state = (
+        {p.name for p in resumable[-keep_last:]} if keep_last > 0 else {p.name for p in resumable}
+    )
     models = [p for p in tags if (p / CONSOLIDATED).is_dir()]
-    keep_model = {p.name for p in models[-keep_consolidated:]} if keep_consolidated > 0 else {
-        p.name for p in models}
+    keep_model = (
+        {p.name for p in models[-keep_consolidated:]}
+        if keep_consolidated > 0
+        else {p.name for p in models}
+    )
     changes = []
     for p in tags:
         has_model = (p / CONSOLIDATED).is_dir()
         if _resumable(p):
             drop_state = p.name not in keep_state | spared and (
-                has_model or not wanted(step_of(p.name)))
+                has_model or not wanted(step_of(p.name))
+            )
         else:  # pruned before, or a crash left it half-pruned: nothing resumable to keep
             drop_state = any(i.name not in (CONSOLIDATED, PRUNED) for i in p.iterdir())
         drop_model = has_model and p.name not in keep_model | spared
@@ -519,9 +618,16 @@ def prune(output_dir: Path, keep_last: int, keep_best: bool, state: TrainerState
             shutil.rmtree(p / CONSOLIDATED)
             changes.append(f"removed {p.name}/{CONSOLIDATED}, kept its resumable state")
             continue
-        _atomic_write(p / PRUNED, json.dumps({"step": step_of(p.name), "kept": CONSOLIDATED,
-                                              "removed": "resumable state (ZeRO shards, "
-                                                         "trainer state)"}))
+        _atomic_write(
+            p / PRUNED,
+            json.dumps(
+                {
+                    "step": step_of(p.name),
+                    "kept": CONSOLIDATED,
+                    "removed": "resumable state (ZeRO shards, trainer state)",
+                }
+            ),
+        )
         (p / COMPLETE).unlink(missing_ok=True)
         for item in p.iterdir():
             if item.name not in (CONSOLIDATED, PRUNED):
@@ -544,13 +650,27 @@ def prepare_universal(point: ResumePoint) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         # DeepSpeed's converter in its own process: it forks worker pools, which is unsafe in a
         # process that holds a process group.
-        res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                              "--input_folder", str(point.tag_dir), "--output_folder", str(out),
-                              "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(point.tag_dir),
+                "--output_folder",
+                str(out),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed on {point.tag_dir}: "
-                               f"{res.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(
+                f"ds_to_universal failed on {point.tag_dir}: {res.stderr.strip().splitlines()[-1:]}"
+            )
         shutil.copy2(point.tag_dir / STATE_FILE, out / STATE_FILE)
         _atomic_write(out / COMPLETE, json.dumps({"from": point.tag_dir.name}))
     dist.barrier()
@@ -578,15 +698,22 @@ def load(engine: Any, point: ResumePoint, state: TrainerState) -> None:
     if point.world_size != dist.world_size():
         tag_dir = prepare_universal(point)
     try:
-        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                         load_module_strict=True, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(
+            str(tag_dir.parent),
+            tag=tag_dir.name,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         saved = load_state_file(tag_dir / STATE_FILE)
     except Exception as e:  # noqa: BLE001 - torch/pickle/zip raise many kinds
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RunError(f"{tag_dir}: cannot load this checkpoint ({type(e).__name__}: {first}); "
-                       f"it is damaged: move it out of {tag_dir.parent} and --resume auto takes "
-                       f"the previous complete one", everywhere=False) from None
+        raise RunError(
+            f"{tag_dir}: cannot load this checkpoint ({type(e).__name__}: {first}); "
+            f"it is damaged: move it out of {tag_dir.parent} and --resume auto takes "
+            f"the previous complete one",
+            everywhere=False,
+        ) from None
     if path is None:
         raise RunError(f"{tag_dir}: DeepSpeed could not load this checkpoint", everywhere=False)
     if tag_dir.name == UNIVERSAL:

@@ -33,17 +33,39 @@ MODEL_SIZES: tuple[str, ...] = ("tiny", "1.5b", "3b", "7b", "14b", "32b")
 # Every checkpoint is consolidated, as the original pipeline did for 14b/32b: users pick the best
 # SFT checkpoint for RL among them, and retention (--keep_last) keeps every consolidated model
 # while removing older resumable states.
-_SMALL = dict(learning_rate=2e-5, max_steps=1000, save_every_n_steps=100, eval_steps=50,
-              max_seq_length=4096, logging_steps=10, consolidate="every")
+_SMALL = dict(
+    learning_rate=2e-5,
+    max_steps=1000,
+    save_every_n_steps=100,
+    eval_steps=50,
+    max_seq_length=4096,
+    logging_steps=10,
+    consolidate="every",
+)
 # They also checkpoint activations: without it neither fits 80 GB GPUs at 4096 tokens
 # (launch/plan.py: 14b needs 90 GB per GPU on 8 GPUs, 42 GB with it).
-_LARGE = dict(_SMALL, learning_rate=4e-6, save_every_n_steps=50, batch_size=1,
-              gradient_accumulation_steps=8, consolidate="every", gradient_checkpointing=True)
+_LARGE = dict(
+    _SMALL,
+    learning_rate=4e-6,
+    save_every_n_steps=50,
+    batch_size=1,
+    gradient_accumulation_steps=8,
+    consolidate="every",
+    gradient_checkpointing=True,
+)
 SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     # 1024 tokens: the longest shipped record (a with-tests one) is 856.
-    "tiny": dict(learning_rate=2e-3, max_steps=150, save_every_n_steps=100, eval_steps=25,
-                 max_seq_length=1024, batch_size=1, gradient_accumulation_steps=1,
-                 logging_steps=10, consolidate="final"),
+    "tiny": dict(
+        learning_rate=2e-3,
+        max_steps=150,
+        save_every_n_steps=100,
+        eval_steps=25,
+        max_seq_length=1024,
+        batch_size=1,
+        gradient_accumulation_steps=1,
+        logging_steps=10,
+        consolidate="final",
+    ),
     "1.5b": dict(_SMALL, batch_size=2, gradient_accumulation_steps=4),
     "3b": dict(_SMALL, batch_size=2, gradient_accumulation_steps=4),
     "7b": dict(_SMALL, batch_size=1, gradient_accumulation_steps=8),
@@ -64,81 +86,139 @@ class RunConfig(BaseModel):
     model_size: ModelSize = Field(description="picks ds_configs/zero3_<size>.json and defaults")
     base_model: Path | None = Field(None, description="HF model dir; tiny without it = demo model")
     train_file: list[Path] | None = Field(
-        None, description="one or more JSONL / parquet files or saved HF dataset dirs")
+        None, description="one or more JSONL / parquet files or saved HF dataset dirs"
+    )
     train_weights: list[float] | None = Field(
-        None, description="one weight per --train_file: each file's share of an epoch (default: "
-        "its size, i.e. every example once per epoch)")
-    eval_file: list[Path] | None = Field(None, description="held-out data, one or more files "
-                                         "(reported per file and pooled)")
+        None,
+        description="one weight per --train_file: each file's share of an epoch (default: "
+        "its size, i.e. every example once per epoch)",
+    )
+    eval_file: list[Path] | None = Field(
+        None, description="held-out data, one or more files (reported per file and pooled)"
+    )
     output_dir: Path = Field(description="where config.yaml, logs/ and checkpoints/ go")
     experiment_name: str = Field("q-sft", min_length=1, description="wandb run name prefix")
     learning_rate: float = Field(gt=0, le=1, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps to train (or "
-                                  "--num_epochs)")
-    num_epochs: float | None = Field(None, gt=0, description="train this many passes over the "
-                                     "data instead of --max_steps; the steps are printed")
+    max_steps: int | None = Field(
+        None, gt=0, description="optimizer steps to train (or --num_epochs)"
+    )
+    num_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="train this many passes over the "
+        "data instead of --max_steps; the steps are printed",
+    )
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup; default 3% of steps")
-    save_every_n_steps: int = Field(ge=0, description="checkpoint interval in optimizer steps; "
-                                    "0 = never save (throughput benchmarks only)")
-    eval_steps: int = Field(ge=0, description="eval interval in optimizer steps; 0 = no "
-                            "periodic eval (the last step is still evaluated)")
-    eval_at_start: bool = Field(True, description="evaluate before the first step (the "
-                                "baseline later evals are compared with)")
+    save_every_n_steps: int = Field(
+        ge=0,
+        description="checkpoint interval in optimizer steps; "
+        "0 = never save (throughput benchmarks only)",
+    )
+    eval_steps: int = Field(
+        ge=0,
+        description="eval interval in optimizer steps; 0 = no "
+        "periodic eval (the last step is still evaluated)",
+    )
+    eval_at_start: bool = Field(
+        True,
+        description="evaluate before the first step (the baseline later evals are compared with)",
+    )
     logging_steps: int = Field(gt=0, description="log interval in optimizer steps")
     max_seq_length: int = Field(ge=16, le=131072, description="tokens per training sequence")
     overlong: Literal["drop", "truncate"] = Field(
-        "drop", description="training and eval examples over max_seq_length: drop them or cut "
-        "the completion")
+        "drop",
+        description="training and eval examples over max_seq_length: drop them or cut "
+        "the completion",
+    )
     prompt_format: Literal["auto", "raw", "chat"] = Field(
-        "auto", description="raw: prompt + completion + EOS as plain text (the original "
+        "auto",
+        description="raw: prompt + completion + EOS as plain text (the original "
         "pipeline); chat: the tokenizer's chat template; auto: raw for prompt/completion data, "
-        "chat when the training data has messages records")
+        "chat when the training data has messages records",
+    )
     batch_size: int = Field(gt=0, description="micro batch per GPU (sequences)")
     gradient_accumulation_steps: int = Field(gt=0, description="micro batches per optimizer step")
     bf16: bool | None = Field(None, description="bf16 on/off; None keeps the ds_config's value")
     consolidate: Literal["every", "final", "none"] = Field(
-        description="write checkpoint-N/consolidated/ after every save, the last one, or never")
+        description="write checkpoint-N/consolidated/ after every save, the last one, or never"
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     packing: bool = Field(True, description="pack examples into max_seq_length sequences")
     attention: Literal["auto", "varlen", "flash", "loop", "masked"] = Field(
-        "auto", description="attention over packed examples: auto = varlen on CUDA (torch "
+        "auto",
+        description="attention over packed examples: auto = varlen on CUDA (torch "
         ">= 2.10), else flash where flash-attn is installed, else loop (the CPU path); masked = "
-        "transformers' sdpa with a block mask (benchmarks, debugging)")
+        "transformers' sdpa with a block mask (benchmarks, debugging)",
+    )
     loss: Literal["chunked", "full"] = Field(
-        "chunked", description="chunked: cross-entropy from the hidden states in vocabulary "
-        "chunks; full: all target logits at once (the old path, for benchmarks)")
-    load_check: bool = Field(True, description="after loading --base_model, compare every "
-                             "rank's share of the weights with the files (catches parameters "
-                             "left at their initial values)")
+        "chunked",
+        description="chunked: cross-entropy from the hidden states in vocabulary "
+        "chunks; full: all target logits at once (the old path, for benchmarks)",
+    )
+    load_check: bool = Field(
+        True,
+        description="after loading --base_model, compare every "
+        "rank's share of the weights with the files (catches parameters "
+        "left at their initial values)",
+    )
     wandb: bool = Field(False, description="log to Weights & Biases (offline without network)")
     seed: int = Field(42, ge=0, description="seeds init, data order and dropout")
     resume: str = Field("auto", min_length=1, description="auto | none | path to a checkpoint tag")
     overwrite: bool = Field(False, description="with --resume none: replace an existing run")
     resume_allow_changes: bool = Field(
-        False, description="resume although the training data, tokenizer, seed, sequence "
-        "length, packing, global batch or schedule differ from the checkpoint's (logged)")
-    keep_last: int = Field(2, ge=0, description="keep the resumable state (ZeRO shards) of only "
-                           "the newest K checkpoints; 0 keeps all. Consolidated models stay")
+        False,
+        description="resume although the training data, tokenizer, seed, sequence "
+        "length, packing, global batch or schedule differ from the checkpoint's (logged)",
+    )
+    keep_last: int = Field(
+        2,
+        ge=0,
+        description="keep the resumable state (ZeRO shards) of only "
+        "the newest K checkpoints; 0 keeps all. Consolidated models stay",
+    )
     keep_best: bool = Field(False, description="also keep the best-eval checkpoint's state")
-    keep_consolidated: int = Field(0, ge=0, description="keep only the newest K consolidated "
-                                   "models (and the best with --keep_best); 0 keeps all")
-    divergence_factor: float = Field(1.5, ge=0, description="warn when an eval loss exceeds "
-                                     "this many times the best so far; 0 never warns")
-    trust_remote_code: bool = Field(False, description="allow a --base_model whose config names "
-                                    "custom Python code (auto_map); off: only transformers' "
-                                    "own classes")
-    data_cache_dir: Path | None = Field(None, description="where tokenized data is cached "
-                                        "(default OUTPUT_DIR/data_cache); share it between runs "
-                                        "on the same data")
-    num_proc: int | None = Field(None, ge=1, description="processes that tokenize a file not "
-                                 "yet cached (default: the cores of the node)")
-    data_timeout_s: int = Field(10800, gt=0, description="how long ranks wait for the data to "
-                                "be tokenized by their node's first rank")
+    keep_consolidated: int = Field(
+        0,
+        ge=0,
+        description="keep only the newest K consolidated "
+        "models (and the best with --keep_best); 0 keeps all",
+    )
+    divergence_factor: float = Field(
+        1.5,
+        ge=0,
+        description="warn when an eval loss exceeds this many times the best so far; 0 never warns",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="allow a --base_model whose config names "
+        "custom Python code (auto_map); off: only transformers' "
+        "own classes",
+    )
+    data_cache_dir: Path | None = Field(
+        None,
+        description="where tokenized data is cached "
+        "(default OUTPUT_DIR/data_cache); share it between runs "
+        "on the same data",
+    )
+    num_proc: int | None = Field(
+        None,
+        ge=1,
+        description="processes that tokenize a file not "
+        "yet cached (default: the cores of the node)",
+    )
+    data_timeout_s: int = Field(
+        10800,
+        gt=0,
+        description="how long ranks wait for the data to be tokenized by their node's first rank",
+    )
     ds_config: Path | None = Field(None, description="override ds_configs/zero3_<size>.json")
     dist_timeout_s: int = Field(1800, gt=0, description="collective timeout before a rank fails")
-    rank_timeout_s: int = Field(60, gt=0, description="a rank with no heartbeat this long (died, "
-                                "node lost) stops the whole job")
+    rank_timeout_s: int = Field(
+        60,
+        gt=0,
+        description="a rank with no heartbeat this long (died, node lost) stops the whole job",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -161,21 +241,30 @@ class RunConfig(BaseModel):
             raise ValueError("--max_steps or --num_epochs is required")
         if self.train_weights is not None:
             if self.train_file is None or len(self.train_weights) != len(self.train_file):
-                raise ValueError(f"--train_weights: {len(self.train_weights)} weight(s) for "
-                                 f"{len(self.train_file or [])} --train_file(s); give one per "
-                                 f"file, in the same order")
+                raise ValueError(
+                    f"--train_weights: {len(self.train_weights)} weight(s) for "
+                    f"{len(self.train_file or [])} --train_file(s); give one per "
+                    f"file, in the same order"
+                )
             if min(self.train_weights) <= 0:
-                raise ValueError("--train_weights: every weight must be above 0 (leave a file "
-                                 "out instead)")
+                raise ValueError(
+                    "--train_weights: every weight must be above 0 (leave a file out instead)"
+                )
         for flag in ("train_file", "eval_file"):
             paths = getattr(self, flag) or []
             if len(set(paths)) < len(paths):
-                raise ValueError(f"--{flag}: {next(p for p in paths if paths.count(p) > 1)} "
-                                 f"is given twice (use --train_weights to weight a file)")
-        if (self.warmup_steps is not None and self.max_steps is not None
-                and self.warmup_steps >= self.max_steps):
-            raise ValueError(f"--warmup_steps {self.warmup_steps} must be below --max_steps "
-                             f"{self.max_steps}")
+                raise ValueError(
+                    f"--{flag}: {next(p for p in paths if paths.count(p) > 1)} "
+                    f"is given twice (use --train_weights to weight a file)"
+                )
+        if (
+            self.warmup_steps is not None
+            and self.max_steps is not None
+            and self.warmup_steps >= self.max_steps
+        ):
+            raise ValueError(
+                f"--warmup_steps {self.warmup_steps} must be below --max_steps {self.max_steps}"
+            )
         if self.model_size != "tiny" and self.base_model is None:
             raise ValueError(f"--base_model is required for --model_size {self.model_size}")
         if self.base_model is not None and not (self.base_model / "config.json").is_file():
@@ -183,12 +272,15 @@ class RunConfig(BaseModel):
         if self.ds_config is not None and not self.ds_config.is_file():
             raise ValueError(f"--ds_config {self.ds_config}: file not found")
         if self.overwrite and self.resume != "none":
-            raise ValueError("--overwrite only applies with --resume none (start over); drop "
-                             "it to continue the run")
+            raise ValueError(
+                "--overwrite only applies with --resume none (start over); drop "
+                "it to continue the run"
+            )
         retention = {"keep_last", "keep_best", "keep_consolidated"} & self.model_fields_set
         if self.save_every_n_steps == 0 and retention:
-            raise ValueError(f"--{sorted(retention)[0]} needs checkpoints; --save_every_n_steps "
-                             f"0 saves none")
+            raise ValueError(
+                f"--{sorted(retention)[0]} needs checkpoints; --save_every_n_steps 0 saves none"
+            )
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: expected auto, none or a checkpoint dir")
         return self
@@ -239,13 +331,26 @@ def _help(field: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The training command line; only flags the user gives reach the pydantic model."""
-    p = _OneLineParser(prog="train.py", argument_default=argparse.SUPPRESS, allow_abbrev=False,
-                       description="DeepSpeed ZeRO-3 SFT of Qwen2.5-family models on Q data.")
+    p = _OneLineParser(
+        prog="train.py",
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+        description="DeepSpeed ZeRO-3 SFT of Qwen2.5-family models on Q data.",
+    )
     for name, field in RunConfig.model_fields.items():
         flag = f"--{name}"
-        if name in ("bf16", "packing", "gradient_checkpointing", "wandb", "overwrite",
-                    "keep_best", "load_check", "resume_allow_changes", "trust_remote_code",
-                    "eval_at_start"):
+        if name in (
+            "bf16",
+            "packing",
+            "gradient_checkpointing",
+            "wandb",
+            "overwrite",
+            "keep_best",
+            "load_check",
+            "resume_allow_changes",
+            "trust_remote_code",
+            "eval_at_start",
+        ):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=_help(field))
         elif name in ("train_file", "eval_file", "train_weights"):
             p.add_argument(flag, nargs="+", help=_help(field))
@@ -305,8 +410,9 @@ def validate_ds_dict(raw: dict[str, Any], source: str = "ds_config") -> DSConfig
     _reject_auto(raw, source, "")
     unsupported = sorted(set(raw) & UNSUPPORTED_KEYS)
     if unsupported:
-        raise ConfigError(f"{source}: '{unsupported[0]}' is a DeepSpeed feature qsft does not "
-                          f"drive; remove it")
+        raise ConfigError(
+            f"{source}: '{unsupported[0]}' is a DeepSpeed feature qsft does not drive; remove it"
+        )
     unknown = sorted(set(raw) - set(DSConfig.model_fields))
     if unknown:
         key = unknown[0]
@@ -354,8 +460,9 @@ def _reject_auto(node: Any, source: str, path: str) -> None:
         for k, v in node.items():
             _reject_auto(v, source, f"{path}.{k}" if path else k)
     elif node == "auto":
-        raise ConfigError(f"{source}: {path}: \"auto\" is not supported; pin a number "
-                          f"(see ds_configs/README.md)")
+        raise ConfigError(
+            f'{source}: {path}: "auto" is not supported; pin a number (see ds_configs/README.md)'
+        )
 
 
 def resolve_ds_config(run: RunConfig, world_size: int) -> dict[str, Any]:
@@ -367,16 +474,23 @@ def resolve_ds_config(run: RunConfig, world_size: int) -> dict[str, Any]:
     ds = load_ds_config(run.ds_config_path)
     micro, accum = run.batch_size, run.gradient_accumulation_steps
     if ds.get("train_micro_batch_size_per_gpu", micro) != micro:
-        raise ConfigError(f"{source}: train_micro_batch_size_per_gpu "
-                          f"{ds['train_micro_batch_size_per_gpu']} != --batch_size {micro}; "
-                          f"drop the key or make them equal")
+        raise ConfigError(
+            f"{source}: train_micro_batch_size_per_gpu "
+            f"{ds['train_micro_batch_size_per_gpu']} != --batch_size {micro}; "
+            f"drop the key or make them equal"
+        )
     if ds.get("gradient_accumulation_steps", accum) != accum:
-        raise ConfigError(f"{source}: gradient_accumulation_steps "
-                          f"{ds['gradient_accumulation_steps']} != --gradient_accumulation_steps "
-                          f"{accum}; drop the key or make them equal")
+        raise ConfigError(
+            f"{source}: gradient_accumulation_steps "
+            f"{ds['gradient_accumulation_steps']} != --gradient_accumulation_steps "
+            f"{accum}; drop the key or make them equal"
+        )
     check_batch(ds.get("train_batch_size"), micro, accum, world_size, source)
-    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
-              train_batch_size=micro * accum * world_size)
+    ds.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accum,
+        train_batch_size=micro * accum * world_size,
+    )
     if run.bf16 is not None:
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": run.bf16}
         if run.bf16:
@@ -392,11 +506,16 @@ def check_batch(train_batch: int | None, micro: int, accum: int, world: int, sou
     """train_batch_size must equal micro x grad_accum x world, or DeepSpeed asserts much later."""
     if train_batch is None or train_batch == micro * accum * world:
         return
-    fix = (f"set gradient_accumulation_steps to {train_batch // (micro * world)}"
-           if train_batch % (micro * world) == 0 else "change the batch flags")
-    raise ConfigError(f"{source}: train_batch_size {train_batch} != micro {micro} x grad_accum "
-                      f"{accum} x world {world} = {micro * accum * world}; {fix} or drop "
-                      f"train_batch_size")
+    fix = (
+        f"set gradient_accumulation_steps to {train_batch // (micro * world)}"
+        if train_batch % (micro * world) == 0
+        else "change the batch flags"
+    )
+    raise ConfigError(
+        f"{source}: train_batch_size {train_batch} != micro {micro} x grad_accum "
+        f"{accum} x world {world} = {micro * accum * world}; {fix} or drop "
+        f"train_batch_size"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,8 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     check = sub.add_parser("check", help="validate DeepSpeed JSON configs")
     check.add_argument("files", nargs="+", type=Path)
-    check.add_argument("--world_size", type=int, default=None,
-                       help="also check train_batch_size against this many ranks")
+    check.add_argument(
+        "--world_size",
+        type=int,
+        default=None,
+        help="also check train_batch_size against this many ranks",
+    )
     args = p.parse_args(argv)
     failed = 0
     for f in args.files:

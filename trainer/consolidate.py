@@ -61,16 +61,19 @@ def resolve_tag_dir(path: Path, tag: str | None, allow_incomplete: bool = False)
     elif (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     if not (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
-        raise ConsolidateError(f"{path}: no ZeRO checkpoint here (expected "
-                               f"zero_pp_rank_0_mp_rank_00_model_states.pt)")
+        raise ConsolidateError(
+            f"{path}: no ZeRO checkpoint here (expected zero_pp_rank_0_mp_rank_00_model_states.pt)"
+        )
     if allow_incomplete:
         return path
     try:
         marker = json.loads((path / COMPLETE).read_text())
     except (OSError, ValueError):
-        raise ConsolidateError(f"{path}: no {COMPLETE} marker: the save was interrupted, so "
-                               f"the shards may be partial; pass --allow_incomplete to "
-                               f"consolidate it anyway") from None
+        raise ConsolidateError(
+            f"{path}: no {COMPLETE} marker: the save was interrupted, so "
+            f"the shards may be partial; pass --allow_incomplete to "
+            f"consolidate it anyway"
+        ) from None
     problem = verify_files(path, marker)
     if problem:
         raise ConsolidateError(f"damaged checkpoint: {problem}")
@@ -116,17 +119,23 @@ def output_names(ckpt: ZeroCheckpoint, tied: bool) -> list[tuple[str, str | None
     return names + [(n, None) for n in ckpt.buffers]
 
 
-def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
-                max_shard_size: int = 5 * 10**9, hf_dir: Path | None = None,
-                verify: bool = False) -> dict[str, Any]:
+def consolidate(
+    tag_dir: Path,
+    out_dir: Path,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = 5 * 10**9,
+    hf_dir: Path | None = None,
+    verify: bool = False,
+) -> dict[str, Any]:
     """Write the consolidated directory for one checkpoint tag; returns the manifest."""
     out_dir, tag_dir = Path(out_dir), Path(tag_dir)
     if out_dir.exists():
         raise ConsolidateError(f"{out_dir}: already exists; remove it or choose another --out")
     hf_dir = Path(hf_dir) if hf_dir else tag_dir / HF_SUBDIR
     if not (hf_dir / "config.json").is_file():
-        raise ConsolidateError(f"{hf_dir}: no config.json; pass --hf_dir with the model's "
-                               f"config and tokenizer")
+        raise ConsolidateError(
+            f"{hf_dir}: no config.json; pass --hf_dir with the model's config and tokenizer"
+        )
     try:
         ckpt = ZeroCheckpoint(tag_dir)
     except CheckpointError as e:
@@ -144,8 +153,7 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
         hashes: dict[str, str] = {}
         weight_files = _write_weights(ckpt, entries, dtype, max_shard_size, tmp, hashes)
         for f in sorted(hf_dir.iterdir()):
-            if f.is_file() and f.name not in ("config.json", PROBE_FILE, FORMAT_FILE,
-                                              EVAL_FILE):
+            if f.is_file() and f.name not in ("config.json", PROBE_FILE, FORMAT_FILE, EVAL_FILE):
                 shutil.copy2(f, tmp / f.name)
         config.pop("torch_dtype", None)
         config["dtype"] = str(dtype).removeprefix("torch.")
@@ -153,22 +161,31 @@ def consolidate(tag_dir: Path, out_dir: Path, dtype: torch.dtype | None = None,
         if not config.get("architectures"):  # a checkpoint saved before qsft recorded it
             config["architectures"] = [_causal_lm_class(config)]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        num_params = sum(ckpt.param_shapes[s].numel() for n, s in entries
-                         if s is not None and n == s)
+        num_params = sum(
+            ckpt.param_shapes[s].numel() for n, s in entries if s is not None and n == s
+        )
         fmt_file = hf_dir / FORMAT_FILE
         training_format = json.loads(fmt_file.read_text()) if fmt_file.is_file() else {}
         eval_file = hf_dir / EVAL_FILE
         if eval_file.is_file():  # this step's eval loss and the run's best step up to it
             training_format["eval"] = json.loads(eval_file.read_text())
-        manifest = dict(source_tag=tag_dir.name, source_step=ckpt.step,
-                        dtype=str(dtype).removeprefix("torch."), num_parameters=num_params,
-                        tied_embeddings=tied, architecture=config["architectures"][0],
-                        **training_format, weight_files=weight_files,
-                        files={p.name: {"sha256": hashes.get(p.name) or sha256_file(p),
-                                        "bytes": p.stat().st_size}
-                               for p in sorted(tmp.iterdir())},
-                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        seconds=round(time.perf_counter() - t0, 2), versions=versions())
+        manifest = dict(
+            source_tag=tag_dir.name,
+            source_step=ckpt.step,
+            dtype=str(dtype).removeprefix("torch."),
+            num_parameters=num_params,
+            tied_embeddings=tied,
+            architecture=config["architectures"][0],
+            **training_format,
+            weight_files=weight_files,
+            files={
+                p.name: {"sha256": hashes.get(p.name) or sha256_file(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.iterdir())
+            },
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            seconds=round(time.perf_counter() - t0, 2),
+            versions=versions(),
+        )
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if verify:
             verify_dir(tmp, ckpt, entries, dtype, tag_dir / HF_SUBDIR / PROBE_FILE)
@@ -185,14 +202,21 @@ def _causal_lm_class(config: dict[str, Any]) -> str:
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
     if name is None:
-        raise ConsolidateError(f"config.json: model_type {config.get('model_type')!r} has no "
-                               f"causal-LM class in transformers; add 'architectures'")
+        raise ConsolidateError(
+            f"config.json: model_type {config.get('model_type')!r} has no "
+            f"causal-LM class in transformers; add 'architectures'"
+        )
     return name
 
 
-def _write_weights(ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],
-                   dtype: torch.dtype, max_shard_size: int, out: Path,
-                   hashes: dict[str, str]) -> list[str]:
+def _write_weights(
+    ckpt: ZeroCheckpoint,
+    entries: list[tuple[str, str | None]],
+    dtype: torch.dtype,
+    max_shard_size: int,
+    out: Path,
+    hashes: dict[str, str],
+) -> list[str]:
     """Stream tensors into safetensors files of at most max_shard_size bytes each; the sha256
     of each file goes into `hashes`."""
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -220,13 +244,16 @@ def _write_weights(ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],
         weight_map.update({n: name for n, _ in shard})
     if len(shards) > 1:
         total = sum(nbytes(e) for e in entries)
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            + "\n"
+        )
     return names
 
 
-def _write_safetensors(path: Path, entries: list[tuple[str, str | None]], ckpt: ZeroCheckpoint,
-                       dtype: torch.dtype) -> str:
+def _write_safetensors(
+    path: Path, entries: list[tuple[str, str | None]], ckpt: ZeroCheckpoint, dtype: torch.dtype
+) -> str:
     """Write one safetensors file; returns its sha256, hashed as the bytes go out.
 
     safetensors = 8-byte header length, JSON header, raw data. The header needs only the
@@ -245,6 +272,7 @@ def _write_safetensors(path: Path, entries: list[tuple[str, str | None]], ckpt: 
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
     digest = hashlib.sha256()
     with open(path, "wb") as f:
+
         def put(data: bytes | memoryview) -> None:
             f.write(data)
             digest.update(data)
@@ -260,8 +288,13 @@ def _write_safetensors(path: Path, entries: list[tuple[str, str | None]], ckpt: 
     return digest.hexdigest()
 
 
-def verify_dir(out: Path, ckpt: ZeroCheckpoint, entries: list[tuple[str, str | None]],
-               dtype: torch.dtype, probe_file: Path) -> None:
+def verify_dir(
+    out: Path,
+    ckpt: ZeroCheckpoint,
+    entries: list[tuple[str, str | None]],
+    dtype: torch.dtype,
+    probe_file: Path,
+) -> None:
     """Reload with from_pretrained; every tensor must equal the shards' value in `dtype`, and the
     logits on the probe batch must match what the live engine computed when it saved."""
     from transformers import AutoModelForCausalLM
@@ -284,8 +317,10 @@ def verify_dir(out: Path, ckpt: ZeroCheckpoint, entries: list[tuple[str, str | N
     for got, ref, what in ((lse, probe["lse"], "log-normaliser"), (head, probe["head"], "logits")):
         err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
         if not err <= tol:
-            raise ConsolidateError(f"{out}: {what} on the probe batch differ from the live "
-                                   f"engine's by {err:.2e} (relative; tolerance {tol:.0e})")
+            raise ConsolidateError(
+                f"{out}: {what} on the probe batch differ from the live "
+                f"engine's by {err:.2e} (relative; tolerance {tol:.0e})"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,21 +332,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors file")
     p.add_argument("--hf_dir", type=Path, help="config + tokenizer dir (default TAG_DIR/hf)")
     p.add_argument("--verify", action="store_true", help="reload and check every tensor")
-    p.add_argument("--allow_incomplete", action="store_true",
-                   help="consolidate a tag without the trainer's COMPLETE marker")
+    p.add_argument(
+        "--allow_incomplete",
+        action="store_true",
+        help="consolidate a tag without the trainer's COMPLETE marker",
+    )
     args = p.parse_args(argv)
     try:
         tag_dir = resolve_tag_dir(args.path, args.tag, args.allow_incomplete)
         out = args.out or tag_dir / "consolidated"
-        manifest = consolidate(tag_dir, out, DTYPES.get(args.dtype),
-                               parse_size(args.max_shard_size), args.hf_dir, args.verify)
+        manifest = consolidate(
+            tag_dir,
+            out,
+            DTYPES.get(args.dtype),
+            parse_size(args.max_shard_size),
+            args.hf_dir,
+            args.verify,
+        )
     except ConsolidateError as e:
         print(f"consolidate: error: {e}", file=sys.stderr)
         return 2
-    print(f"consolidated {tag_dir} -> {out} ({manifest['dtype']}, "
-          f"{manifest['num_parameters'] / 1e6:.1f}M parameters, "
-          f"{len(manifest['weight_files'])} weight file(s), {manifest['seconds']:.1f}s"
-          f"{', verified' if args.verify else ''})")
+    print(
+        f"consolidated {tag_dir} -> {out} ({manifest['dtype']}, "
+        f"{manifest['num_parameters'] / 1e6:.1f}M parameters, "
+        f"{len(manifest['weight_files'])} weight file(s), {manifest['seconds']:.1f}s"
+        f"{', verified' if args.verify else ''})"
+    )
     return 0
 
 
@@ -356,9 +402,12 @@ class BackgroundConsolidator:
         repo = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_dir / f"consolidate-{tag_dir.name}.log", "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "trainer.consolidate",
-                                          str(tag_dir)], stdout=log, stderr=subprocess.STDOUT,
-                                         env=env)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "trainer.consolidate", str(tag_dir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         self.tag_dir, self.t0 = tag_dir, time.perf_counter()
 
     def _collect(self) -> None:
@@ -366,8 +415,10 @@ class BackgroundConsolidator:
         self.proc = None
         seconds = time.perf_counter() - self.t0
         if rc != 0:
-            self.say(f"consolidation of {tag_dir} failed (exit {rc}); see "
-                     f"{self.log_dir / f'consolidate-{tag_dir.name}.log'}")
+            self.say(
+                f"consolidation of {tag_dir} failed (exit {rc}); see "
+                f"{self.log_dir / f'consolidate-{tag_dir.name}.log'}"
+            )
             self.last = None
             return
         self.say(f"consolidated {tag_dir / 'consolidated'} in {seconds:.1f}s (background)")

@@ -86,8 +86,13 @@ def iter_records(path: Path, batch_rows: int = 4096) -> Iterator[tuple[int, dict
     if not path.exists():
         raise DataError(f"{path}: file not found")
     kind = _kind(path)
-    rows = (_iter_jsonl(path) if kind == "jsonl" else _iter_parquet(path, batch_rows)
-            if kind == "parquet" else _iter_dataset_dir(path, batch_rows))
+    rows = (
+        _iter_jsonl(path)
+        if kind == "jsonl"
+        else _iter_parquet(path, batch_rows)
+        if kind == "parquet"
+        else _iter_dataset_dir(path, batch_rows)
+    )
     prefix = place_prefix(path)  # once per file, not per record
     n = 0
     for place, rec in rows:
@@ -147,8 +152,10 @@ def _iter_parquet(path: Path, batch_rows: int) -> Iterator[tuple[int, dict[str, 
     # A missing column is one message about the file, not one per row.
     if "messages" not in names and not {"prompt", "completion"} <= set(names):
         need = [c for c in ("prompt", "completion") if c not in names]
-        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, need))} (or "
-                        f"'messages'); has {', '.join(names) or 'none'}")
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(map(repr, need))} (or "
+            f"'messages'); has {', '.join(names) or 'none'}"
+        )
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=batch_rows):
@@ -169,12 +176,16 @@ def _iter_dataset_dir(path: Path, batch_rows: int) -> Iterator[tuple[int, dict[s
     except FileNotFoundError:
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".jsonl", ".parquet"))
         if found:
-            hint = f"it holds {', '.join(found[:2])}{' ...' if len(found) > 2 else ''}: pass " \
-                   f"the files themselves"
+            hint = (
+                f"it holds {', '.join(found[:2])}{' ...' if len(found) > 2 else ''}: pass "
+                f"the files themselves"
+            )
         else:
             hint = "pass JSONL or parquet files, or `qsft-data convert` a problem tree first"
-        raise DataError(f"{path}: no data files (not a saved Hugging Face dataset: no "
-                        f"dataset_info.json / state.json); {hint}") from None
+        raise DataError(
+            f"{path}: no data files (not a saved Hugging Face dataset: no "
+            f"dataset_info.json / state.json); {hint}"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
@@ -193,8 +204,9 @@ def validate_record(rec: dict[str, Any], where: str) -> None:
         _validate_messages(rec["messages"], where)
         return
     if "prompt" not in rec or "completion" not in rec:
-        raise DataError(f"{where}: record needs 'prompt' and 'completion' or 'messages' "
-                        f"(has {sorted(rec)})")
+        raise DataError(
+            f"{where}: record needs 'prompt' and 'completion' or 'messages' (has {sorted(rec)})"
+        )
     for key in ("prompt", "completion"):
         if not isinstance(rec[key], str):
             raise DataError(f"{where}: '{key}' must be a string (got {type(rec[key]).__name__})")
@@ -209,23 +221,30 @@ def _validate_messages(msgs: Any, where: str) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{j}] needs a string 'content'")
         if m.get("role") not in ROLES:
-            raise DataError(f"{where}: messages[{j}].role must be one of {ROLES} "
-                            f"(got {m.get('role')!r})")
+            raise DataError(
+                f"{where}: messages[{j}].role must be one of {ROLES} (got {m.get('role')!r})"
+            )
     roles = [m["role"] for m in msgs]
     if "assistant" not in roles:
         raise DataError(f"{where}: no assistant message to train on")
     if "user" not in roles:
-        raise DataError(f"{where}: no user message: an answer needs a question (chat templates "
-                        f"and the RL stage both start from a user turn)")
+        raise DataError(
+            f"{where}: no user message: an answer needs a question (chat templates "
+            f"and the RL stage both start from a user turn)"
+        )
     # The conversation a model is trained on must be one it can be asked: after the system
     # prompt(s), a user turn first; and an assistant turn last, or the tail trains nothing.
     first = next(j for j, r in enumerate(roles) if r != "system")
     if roles[first] != "user":
-        raise DataError(f"{where}: messages[{first}] is an assistant turn before any user turn; "
-                        f"a conversation starts with the user (after an optional system prompt)")
+        raise DataError(
+            f"{where}: messages[{first}] is an assistant turn before any user turn; "
+            f"a conversation starts with the user (after an optional system prompt)"
+        )
     if roles[-1] != "assistant":
-        raise DataError(f"{where}: ends with a {roles[-1]} turn (messages[{len(roles) - 1}]); "
-                        f"the last turn must be the assistant's answer")
+        raise DataError(
+            f"{where}: ends with a {roles[-1]} turn (messages[{len(roles) - 1}]); "
+            f"the last turn must be the assistant's answer"
+        )
     if any(not m["content"].strip() for m in msgs if m["role"] == "assistant"):
         raise DataError(f"{where}: empty assistant message")
 
@@ -237,8 +256,10 @@ def is_messages(rec: dict[str, Any]) -> bool:
 def to_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
     if is_messages(rec):
         return [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
-    return [{"role": "user", "content": rec["prompt"]},
-            {"role": "assistant", "content": rec["completion"]}]
+    return [
+        {"role": "user", "content": rec["prompt"]},
+        {"role": "assistant", "content": rec["completion"]},
+    ]
 
 
 def resolve_prompt_format(requested: str, records: list[dict[str, Any]]) -> str:
@@ -273,8 +294,10 @@ def encode(rec: dict[str, Any], tokenizer: Any, prompt_format: str) -> Encoded:
     """Tokenize one validated record in the given prompt format."""
     if prompt_format == "raw":
         if is_messages(rec):
-            raise DataError("a 'messages' record needs --prompt_format chat (raw format is "
-                            "for prompt/completion records)")
+            raise DataError(
+                "a 'messages' record needs --prompt_format chat (raw format is "
+                "for prompt/completion records)"
+            )
         return encode_raw(rec["prompt"], rec["completion"], tokenizer)
     return encode_chat(to_messages(rec), tokenizer)
 
@@ -293,15 +316,20 @@ def encode_raw(prompt: str, completion: str, tokenizer: Any) -> Encoded:
     (`boundary_merged`) and say so at start, where TRL warns once.
     """
     text = raw_text(prompt, completion, tokenizer)
-    return raw_encoded(list(tokenizer(prompt)["input_ids"]), list(tokenizer(text)["input_ids"]),
-                       tokenizer.eos_token_id)
+    return raw_encoded(
+        list(tokenizer(prompt)["input_ids"]),
+        list(tokenizer(text)["input_ids"]),
+        tokenizer.eos_token_id,
+    )
 
 
 def raw_text(prompt: str, completion: str, tokenizer: Any) -> str:
     eos = tokenizer.eos_token
     if not eos:
-        raise DataError("the tokenizer has no EOS token, which --prompt_format raw appends to "
-                        "every completion; use --prompt_format chat or set eos_token")
+        raise DataError(
+            "the tokenizer has no EOS token, which --prompt_format raw appends to "
+            "every completion; use --prompt_format chat or set eos_token"
+        )
     return prompt + (completion if completion.endswith(eos) else completion + eos)
 
 
@@ -327,10 +355,12 @@ def render(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tu
     covers the content and the template's end-of-turn token (the model must learn to stop).
     """
     if getattr(tokenizer, "chat_template", None):
+
         def apply(msgs: list[dict[str, str]], gen: bool) -> str:
             try:
-                return tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                     add_generation_prompt=gen)
+                return tokenizer.apply_chat_template(
+                    msgs, tokenize=False, add_generation_prompt=gen
+                )
             except Exception as e:  # noqa: BLE001 - jinja's TemplateError, or raise_exception()
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise DataError(f"the chat template failed: {first}") from None
@@ -342,8 +372,10 @@ def render(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tu
                 continue
             prefix, upto = apply(messages[:i], True), apply(messages[: i + 1], False)
             if not (upto.startswith(prefix) and text.startswith(upto)):
-                raise DataError("chat template is not prefix-stable; cannot locate the "
-                                "assistant tokens to train on")
+                raise DataError(
+                    "chat template is not prefix-stable; cannot locate the "
+                    "assistant tokens to train on"
+                )
             spans.append((len(prefix), len(upto)))
         return text, spans
     eos = tokenizer.eos_token or ""
@@ -372,12 +404,18 @@ def encode_chat(messages: list[dict[str, str]], tokenizer: Any) -> Encoded:
     """
     text, spans = render(messages, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return chat_encoded(text, spans, list(enc["input_ids"]), enc["offset_mapping"],
-                        special_token_ids(tokenizer))
+    return chat_encoded(
+        text, spans, list(enc["input_ids"]), enc["offset_mapping"], special_token_ids(tokenizer)
+    )
 
 
-def chat_encoded(text: str, spans: list[tuple[int, int]], ids: list[int],
-                 offsets: list[tuple[int, int]], special: set[int]) -> Encoded:
+def chat_encoded(
+    text: str,
+    spans: list[tuple[int, int]],
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    special: set[int],
+) -> Encoded:
     """Labels of a rendered conversation from its tokens' character offsets (see encode_chat)."""
     labels = [IGNORE_INDEX] * len(ids)
     ends = []
@@ -391,9 +429,11 @@ def chat_encoded(text: str, spans: list[tuple[int, int]], ids: list[int],
                 if ids[k] in special:
                     last_special = ids[k]
         if last_special is None:
-            raise DataError(f"the chat template ends an assistant turn with {text[a:b][-12:]!r}, "
-                            f"not a special token: generation could not stop there; use "
-                            f"--prompt_format raw or a template with an end-of-turn token")
+            raise DataError(
+                f"the chat template ends an assistant turn with {text[a:b][-12:]!r}, "
+                f"not a special token: generation could not stop there; use "
+                f"--prompt_format raw or a template with an end-of-turn token"
+            )
         ends.append(last_special)
     return Encoded(ids, labels, ends)
 
@@ -416,21 +456,24 @@ def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
 
 
-def encode_batch(recs: list[dict[str, Any]], tokenizer: Any, prompt_format: str
-                 ) -> list[Encoded]:
+def encode_batch(recs: list[dict[str, Any]], tokenizer: Any, prompt_format: str) -> list[Encoded]:
     """encode() of each record, with one batched tokenizer call per kind of text (the fast
     tokenizers run a batch in Rust, without a Python round trip per text). Same results as
     encode() record by record; raises RecordError naming the record that failed."""
     if prompt_format == "raw":
         for i, rec in enumerate(recs):
             if is_messages(rec):
-                raise RecordError(i, "a 'messages' record needs --prompt_format chat (raw "
-                                  "format is for prompt/completion records)")
+                raise RecordError(
+                    i,
+                    "a 'messages' record needs --prompt_format chat (raw "
+                    "format is for prompt/completion records)",
+                )
         texts = [raw_text(r["prompt"], r["completion"], tokenizer) for r in recs]
         prompts = _token_ids(tokenizer, [r["prompt"] for r in recs])
         full = _token_ids(tokenizer, texts)
-        return [raw_encoded(a, b, tokenizer.eos_token_id)
-                for a, b in zip(prompts, full, strict=True)]
+        return [
+            raw_encoded(a, b, tokenizer.eos_token_id) for a, b in zip(prompts, full, strict=True)
+        ]
     rendered = []
     for i, rec in enumerate(recs):
         try:

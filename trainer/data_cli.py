@@ -24,23 +24,45 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="counts, token lengths, duplicates, train/test overlap")
     ins.add_argument("files", nargs="+", type=Path, help="JSONL / parquet / saved HF dataset")
-    ins.add_argument("--tokenizer", type=Path, default=ASSETS_DIR / "tiny_model",
-                     help="tokenizer dir to measure lengths with (default: the demo model's)")
-    ins.add_argument("--max_seq_length", type=int, default=4096,
-                     help="count records longer than this (default 4096, the 1.5b-32b default)")
-    ins.add_argument("--prompt_format", choices=("auto", "raw", "chat"), default="auto",
-                     help="format to measure lengths in, as train.py's flag (default auto)")
-    ins.add_argument("--histogram", default="lengths.png",
-                     help="length histogram PNG to write ('none' to skip)")
-    ins.add_argument("--strict", action="store_true",
-                     help="exit 1 on duplicate records or train/test overlap")
+    ins.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=ASSETS_DIR / "tiny_model",
+        help="tokenizer dir to measure lengths with (default: the demo model's)",
+    )
+    ins.add_argument(
+        "--max_seq_length",
+        type=int,
+        default=4096,
+        help="count records longer than this (default 4096, the 1.5b-32b default)",
+    )
+    ins.add_argument(
+        "--prompt_format",
+        choices=("auto", "raw", "chat"),
+        default="auto",
+        help="format to measure lengths in, as train.py's flag (default auto)",
+    )
+    ins.add_argument(
+        "--histogram", default="lengths.png", help="length histogram PNG to write ('none' to skip)"
+    )
+    ins.add_argument(
+        "--strict", action="store_true", help="exit 1 on duplicate records or train/test overlap"
+    )
     conv = sub.add_parser("convert", help="original problem dirs or parquet -> our JSONL")
-    conv.add_argument("sources", nargs="+", type=Path,
-                      help="problem directory tree, or parquet files / a directory of them")
+    conv.add_argument(
+        "sources",
+        nargs="+",
+        type=Path,
+        help="problem directory tree, or parquet files / a directory of them",
+    )
     conv.add_argument("--out", type=Path, required=True, help="directory for <split>.jsonl")
-    conv.add_argument("--test_fraction", type=float, default=0.0,
-                      help="problem dirs without train/ and test/ parents: hold out this share "
-                           "of problems (by a hash of the name: stable across runs)")
+    conv.add_argument(
+        "--test_fraction",
+        type=float,
+        default=0.0,
+        help="problem dirs without train/ and test/ parents: hold out this share "
+        "of problems (by a hash of the name: stable across runs)",
+    )
     conv.add_argument("--overwrite", action="store_true", help="replace existing <split>.jsonl")
     return ap
 
@@ -70,8 +92,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if histogram is not None:
         check_histogram_path(histogram)
     tokenizer = load_tokenizer(args.tokenizer)
-    lines, suspicious = inspect_files(args.files, tokenizer, args.max_seq_length, histogram,
-                                      args.prompt_format)
+    lines, suspicious = inspect_files(
+        args.files, tokenizer, args.max_seq_length, histogram, args.prompt_format
+    )
     print("\n".join(lines))
     return 1 if suspicious and args.strict else 0
 

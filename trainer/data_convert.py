@@ -34,12 +34,22 @@ from typing import Any
 from trainer.data import DataError, read_parquet_table, validate_record
 
 TASKS = {
-    "desc2q": ("Write a q function `solve` for the following problem.\n\n{description}",
-               "```q\n{q}\n```", "q"),
-    "py2q": ("Translate this Python function into an equivalent q function `solve`.\n\n"
-             "```python\n{python}\n```", "```q\n{q}\n```", "q"),
-    "q2py": ("Translate this q function into an equivalent Python function `solve`.\n\n"
-             "```q\n{q}\n```", "```python\n{python}\n```", "python"),
+    "desc2q": (
+        "Write a q function `solve` for the following problem.\n\n{description}",
+        "```q\n{q}\n```",
+        "q",
+    ),
+    "py2q": (
+        "Translate this Python function into an equivalent q function `solve`.\n\n"
+        "```python\n{python}\n```",
+        "```q\n{q}\n```",
+        "q",
+    ),
+    "q2py": (
+        "Translate this q function into an equivalent Python function `solve`.\n\n```q\n{q}\n```",
+        "```python\n{python}\n```",
+        "python",
+    ),
 }
 # Appended to the prompt of the with-tests variant: the tests the answer's language must pass.
 TESTS_SUFFIX = "\n\nYour `solve` must pass these tests:\n\n```{lang}\n{tests}\n```"
@@ -73,17 +83,25 @@ def render_records(problems: list[Problem], with_tests: bool = True) -> list[dic
     """Records for each problem and task kind; with_tests adds the variant with tests."""
     records = []
     for p in problems:
-        fields = {"description": p.description.strip(), "q": p.q.strip(),
-                  "python": p.python.strip()}
+        fields = {
+            "description": p.description.strip(),
+            "q": p.q.strip(),
+            "python": p.python.strip(),
+        }
         variants = [False] + ([True] if with_tests and p.tests else [])
         for tests in variants:
             for task, (prompt, completion, lang) in TASKS.items():
                 text = prompt.format(**fields)
                 if tests:
-                    text += TESTS_SUFFIX.format(lang=lang, tests="\n".join(
-                        getattr(t, lang).strip() for t in p.tests))
-                rec = {"id": f"{p.id}-{task}" + ("-tests" if tests else ""),
-                       "problem_id": p.id, "task": task, "with_tests": tests}
+                    text += TESTS_SUFFIX.format(
+                        lang=lang, tests="\n".join(getattr(t, lang).strip() for t in p.tests)
+                    )
+                rec = {
+                    "id": f"{p.id}-{task}" + ("-tests" if tests else ""),
+                    "problem_id": p.id,
+                    "task": task,
+                    "with_tests": tests,
+                }
                 if p.difficulty:
                     rec["difficulty"] = p.difficulty
                 rec.update(prompt=text + PROMPT_END, completion=completion.format(**fields))
@@ -113,33 +131,54 @@ def read_problem_dir(path: Path) -> Problem:
             raise DataError(f"{path / f}: empty")
     tests = []
     # Test numbers as written in the file names ("1", or "01"), ordered numerically.
-    py_nums = {m.group(1) for f in path.glob("test_case_*.py")
-               if (m := re.fullmatch(r"test_case_(\d+)\.py", f.name))}
-    q_nums = {m.group(1) for f in path.glob("q_test_case_*.q")
-              if (m := re.fullmatch(r"q_test_case_(\d+)\.q", f.name))}
+    py_nums = {
+        m.group(1)
+        for f in path.glob("test_case_*.py")
+        if (m := re.fullmatch(r"test_case_(\d+)\.py", f.name))
+    }
+    q_nums = {
+        m.group(1)
+        for f in path.glob("q_test_case_*.q")
+        if (m := re.fullmatch(r"q_test_case_(\d+)\.q", f.name))
+    }
     if len({int(n) for n in py_nums}) < len(py_nums):
-        raise DataError(f"{path}: two test_case files have the same number "
-                        f"({', '.join(sorted(py_nums))})")
+        raise DataError(
+            f"{path}: two test_case files have the same number ({', '.join(sorted(py_nums))})"
+        )
     for n in sorted(py_nums ^ q_nums, key=int):
-        have, lack = (f"test_case_{n}.py", f"q_test_case_{n}.q") if n in py_nums else (
-            f"q_test_case_{n}.q", f"test_case_{n}.py")
+        have, lack = (
+            (f"test_case_{n}.py", f"q_test_case_{n}.q")
+            if n in py_nums
+            else (f"q_test_case_{n}.q", f"test_case_{n}.py")
+        )
         raise DataError(f"{path}: {have} has no {lack}")
     for n in sorted(py_nums, key=int):
-        tests.append(Test(_with_expected(_read_text(path / f"test_case_{n}.py"), "#",
-                                         _answer(path, n, "python")),
-                          _with_expected(_read_text(path / f"q_test_case_{n}.q"), "/",
-                                         _answer(path, n, "q"))))
+        tests.append(
+            Test(
+                _with_expected(
+                    _read_text(path / f"test_case_{n}.py"), "#", _answer(path, n, "python")
+                ),
+                _with_expected(_read_text(path / f"q_test_case_{n}.q"), "/", _answer(path, n, "q")),
+            )
+        )
     difficulty = None
     if (path / "entry.json").is_file():  # LeetCode metadata; we keep the difficulty
         try:
             entry = json.loads(_read_text(path / "entry.json"))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path / 'entry.json'}:line {e.lineno}: invalid JSON "
-                            f"({e.msg})") from None
+            raise DataError(
+                f"{path / 'entry.json'}:line {e.lineno}: invalid JSON ({e.msg})"
+            ) from None
         if isinstance(entry, dict) and isinstance(entry.get("difficulty"), str):
             difficulty = entry["difficulty"]
-    return Problem(path.name, text["problem_description.txt"], text["q_sol.q"],
-                   text["python_sol.py"], tuple(tests), difficulty)
+    return Problem(
+        path.name,
+        text["problem_description.txt"],
+        text["q_sol.q"],
+        text["python_sol.py"],
+        tuple(tests),
+        difficulty,
+    )
 
 
 def _answer(path: Path, n: str, lang: str) -> str | None:
@@ -153,8 +192,11 @@ def _with_expected(code: str, comment: str, expected: str | None) -> str:
     code = code.strip()
     if expected is None:
         return code
-    return code + "\n" + "\n".join(f"{comment} expected output: {line}"
-                                   for line in expected.splitlines() or [""])
+    return (
+        code
+        + "\n"
+        + "\n".join(f"{comment} expected output: {line}" for line in expected.splitlines() or [""])
+    )
 
 
 def _is_problem_dir(path: Path) -> bool:
@@ -173,13 +215,15 @@ def problems_from_dirs(root: Path, test_fraction: float) -> dict[str, list[Probl
     splits: dict[str, list[Problem]] = {}
     given = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name in SPLIT_NAMES]
     for split_dir in given:
-        splits[split_dir.name] = [read_problem_dir(d) for d in sorted(split_dir.iterdir())
-                                  if d.is_dir() and _is_problem_dir(d)]
+        splits[split_dir.name] = [
+            read_problem_dir(d)
+            for d in sorted(split_dir.iterdir())
+            if d.is_dir() and _is_problem_dir(d)
+        ]
     if not given:
         for d in sorted(root.iterdir()):
             if d.is_dir() and _is_problem_dir(d):
-                splits.setdefault(_split_of(d.name, test_fraction), []).append(
-                    read_problem_dir(d))
+                splits.setdefault(_split_of(d.name, test_fraction), []).append(read_problem_dir(d))
     return {k: v for k, v in splits.items() if v}
 
 
@@ -193,13 +237,20 @@ def read_parquet(path: Path) -> tuple[str, list[dict[str, Any]]]:
     """("sft" | "problems", rows) after checking the columns a converter needs."""
     table = read_parquet_table(path)
     names = table.schema.names
-    kind = ("sft" if all(c in names for c in SFT_COLUMNS) else
-            "problems" if all(c in names for c in PROBLEM_COLUMNS) else None)
+    kind = (
+        "sft"
+        if all(c in names for c in SFT_COLUMNS)
+        else "problems"
+        if all(c in names for c in PROBLEM_COLUMNS)
+        else None
+    )
     if kind is None:
         need = [c for c in SFT_COLUMNS if c not in names]
-        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, need))} (prompt/"
-                        f"completion splits) or {', '.join(map(repr, PROBLEM_COLUMNS))} "
-                        f"(problem tables); has {', '.join(names) or 'none'}")
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(map(repr, need))} (prompt/"
+            f"completion splits) or {', '.join(map(repr, PROBLEM_COLUMNS))} "
+            f"(problem tables); has {', '.join(names) or 'none'}"
+        )
     import pyarrow as pa
 
     for c in SFT_COLUMNS if kind == "sft" else PROBLEM_COLUMNS:
@@ -220,25 +271,45 @@ def problems_from_rows(path: Path, rows: list[dict[str, Any]], first: int = 0) -
                 raise DataError(f"{where}: column {c!r} is empty")
         cases = r.get("test_cases")
         if cases is not None and not isinstance(cases, (list, tuple)):
-            raise DataError(f"{where}: column 'test_cases' must be a list of structs (got "
-                            f"{type(cases).__name__})")
+            raise DataError(
+                f"{where}: column 'test_cases' must be a list of structs (got "
+                f"{type(cases).__name__})"
+            )
         tests = []
         for j, t in enumerate(cases or []):
-            if not (isinstance(t, dict) and all(isinstance(t.get(k), str) for k in TEST_FIELDS)
-                    and all(isinstance(t.get(k), (str, type(None))) for k in EXPECTED_FIELDS)):
-                raise DataError(f"{where}: test_cases[{j}] needs string fields "
-                                f"{', '.join(TEST_FIELDS)} (and string or null "
-                                f"{', '.join(EXPECTED_FIELDS)})")
-            tests.append(Test(_with_expected(t["python_test_code"], "#",
-                                             t.get("python_expected_output")),
-                              _with_expected(t["q_test_code"], "/", t.get("q_expected_output"))))
+            if not (
+                isinstance(t, dict)
+                and all(isinstance(t.get(k), str) for k in TEST_FIELDS)
+                and all(isinstance(t.get(k), (str, type(None))) for k in EXPECTED_FIELDS)
+            ):
+                raise DataError(
+                    f"{where}: test_cases[{j}] needs string fields "
+                    f"{', '.join(TEST_FIELDS)} (and string or null "
+                    f"{', '.join(EXPECTED_FIELDS)})"
+                )
+            tests.append(
+                Test(
+                    _with_expected(t["python_test_code"], "#", t.get("python_expected_output")),
+                    _with_expected(t["q_test_code"], "/", t.get("q_expected_output")),
+                )
+            )
         name = r.get("problem_name") or r.get("problem_id")
-        pid = str(name) if name is not None and str(name).strip() else (
-            f"{_split_stem(path)}-{first + i}")
+        pid = (
+            str(name)
+            if name is not None and str(name).strip()
+            else (f"{_split_stem(path)}-{first + i}")
+        )
         difficulty = r.get("difficulty")
-        problems.append(Problem(pid, r["problem_description"], r["q_solution"],
-                                r["python_solution"], tuple(tests),
-                                difficulty if isinstance(difficulty, str) else None))
+        problems.append(
+            Problem(
+                pid,
+                r["problem_description"],
+                r["q_solution"],
+                r["python_solution"],
+                tuple(tests),
+                difficulty if isinstance(difficulty, str) else None,
+            )
+        )
     return problems
 
 
@@ -250,8 +321,9 @@ def _split_stem(path: Path) -> str:
 # convert
 
 
-def convert(sources: list[Path], out_dir: Path, test_fraction: float = 0.0,
-            overwrite: bool = False) -> dict[str, int]:
+def convert(
+    sources: list[Path], out_dir: Path, test_fraction: float = 0.0, overwrite: bool = False
+) -> dict[str, int]:
     """Convert problem directories or parquet files into OUT/<split>.jsonl; {file: records}.
 
     Problems give <split>.jsonl (with the tests variant) and <split>_no_tests.jsonl; a
@@ -266,16 +338,23 @@ def convert(sources: list[Path], out_dir: Path, test_fraction: float = 0.0,
             raise DataError(f"{src}: not found")
         if src.is_dir():
             files = sorted(src.glob("*.parquet"))
-            dirs = [d for d in sorted(src.iterdir()) if d.is_dir() and (
-                _is_problem_dir(d) or d.name in SPLIT_NAMES)]
+            dirs = [
+                d
+                for d in sorted(src.iterdir())
+                if d.is_dir() and (_is_problem_dir(d) or d.name in SPLIT_NAMES)
+            ]
             if files and (dirs or _is_problem_dir(src)):
-                raise DataError(f"{src}: holds both *.parquet files and problem directories; "
-                                f"convert them as separate sources")
+                raise DataError(
+                    f"{src}: holds both *.parquet files and problem directories; "
+                    f"convert them as separate sources"
+                )
             if not files:
                 by_split = problems_from_dirs(src, test_fraction)
                 if not by_split:
-                    raise DataError(f"{src}: no data files: no problem directories (with "
-                                    f"{', '.join(PROBLEM_FILES)}) and no *.parquet")
+                    raise DataError(
+                        f"{src}: no data files: no problem directories (with "
+                        f"{', '.join(PROBLEM_FILES)}) and no *.parquet"
+                    )
                 for split, problems in by_split.items():
                     _add_problems(outputs, kinds, split, problems)
                 continue
@@ -300,13 +379,16 @@ def convert(sources: list[Path], out_dir: Path, test_fraction: float = 0.0,
 
 def _claim(kinds: dict[str, str], name: str, kind: str) -> None:
     if kinds.setdefault(name, kind) != kind:
-        raise DataError(f"{name}: split {name.removesuffix('.jsonl')!r} comes from both "
-                        f"prompt/completion data and problems; convert them to separate --out "
-                        f"directories")
+        raise DataError(
+            f"{name}: split {name.removesuffix('.jsonl')!r} comes from both "
+            f"prompt/completion data and problems; convert them to separate --out "
+            f"directories"
+        )
 
 
-def _add_problems(outputs: dict[str, list], kinds: dict[str, str], split: str,
-                  problems: list[Problem]) -> None:
+def _add_problems(
+    outputs: dict[str, list], kinds: dict[str, str], split: str, problems: list[Problem]
+) -> None:
     _claim(kinds, f"{split}.jsonl", "problems")
     seen = {r["problem_id"] for r in outputs.get(f"{split}.jsonl", ())}
     for p in problems:
@@ -318,7 +400,8 @@ def _add_problems(outputs: dict[str, list], kinds: dict[str, str], split: str,
         validate_record(r, f"{split}: problem {r['problem_id']}")
     outputs.setdefault(f"{split}.jsonl", []).extend(records)
     outputs.setdefault(f"{split}_no_tests.jsonl", []).extend(
-        r for r in records if not r["with_tests"])
+        r for r in records if not r["with_tests"]
+    )
 
 
 def _write_all(out_dir: Path, outputs: dict[str, list[dict[str, Any]]], overwrite: bool) -> None:
@@ -334,8 +417,9 @@ def _write_all(out_dir: Path, outputs: dict[str, list[dict[str, Any]]], overwrit
             try:  # parquet may carry timestamps, bytes or NaN: not JSON, so not ours to guess
                 lines.append(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
             except (TypeError, ValueError) as e:
-                raise DataError(f"{out_dir / name}: record {i}: not JSON-serialisable "
-                                f"({e})") from None
+                raise DataError(
+                    f"{out_dir / name}: record {i}: not JSON-serialisable ({e})"
+                ) from None
         texts[name] = "".join(lines)
     created = not out_dir.exists()
     tmps: list[tuple[Path, Path]] = []

@@ -84,10 +84,21 @@ def file_stats(path: Path, tokenizer: Any, prompt_format: str = "auto") -> FileS
     prompts = {i: _prompt_text(r) for i, r in enumerate(records)}
     pid = [r.get("problem_id") for r in records]
     # One problem's prompt with and without its tests is by design, not a duplicate.
-    near = {a for a, b, _ in near_duplicate_pairs(prompts, prompts)
-            if pid[a] is None or pid[a] != pid[b]}
-    return FileStats(Path(path), records, Counter(task_kind(r) for r in records), lengths,
-                     exact, len(near), keys, prompts)
+    near = {
+        a
+        for a, b, _ in near_duplicate_pairs(prompts, prompts)
+        if pid[a] is None or pid[a] != pid[b]
+    }
+    return FileStats(
+        Path(path),
+        records,
+        Counter(task_kind(r) for r in records),
+        lengths,
+        exact,
+        len(near),
+        keys,
+        prompts,
+    )
 
 
 def _role(path: Path) -> str | None:
@@ -107,42 +118,74 @@ def overlap(a: FileStats, b: FileStats) -> dict[str, int]:
     near_b = {j for _, j, _ in near_duplicate_pairs(a.prompts, b.prompts)}
     pids_a = {r.get("problem_id") for r in a.records} - {None}
     pids_b = {r.get("problem_id") for r in b.records} - {None}
-    return {"exact": sum(k in keys_a for k in b.keys),
-            "near_prompts": len(near_b), "problems": len(pids_a & pids_b)}
+    return {
+        "exact": sum(k in keys_a for k in b.keys),
+        "near_prompts": len(near_b),
+        "problems": len(pids_a & pids_b),
+    }
 
 
-def inspect_files(paths: list[Path], tokenizer: Any, max_seq_length: int,
-                  histogram: Path | None, prompt_format: str = "auto") -> tuple[list[str], bool]:
+def inspect_files(
+    paths: list[Path],
+    tokenizer: Any,
+    max_seq_length: int,
+    histogram: Path | None,
+    prompt_format: str = "auto",
+) -> tuple[list[str], bool]:
     """The report's lines, and whether anything suspicious (duplicates, leakage) was found."""
     stats = [file_stats(p, tokenizer, prompt_format) for p in paths]
     kinds = [k for k in TASK_KINDS if any(s.kinds[k] for s in stats)]
     kinds += sorted({k for s in stats for k in s.kinds} - set(kinds))
-    head = (["file", "records"] + kinds + [f"p{q}" for q in PERCENTILES]
-            + ["max", f">{max_seq_length}", "dups", "near"])
-    rows = [[s.path.name, str(len(s.records))] + [str(s.kinds[k]) for k in kinds]
-            + [str(percentile(s.lengths, q)) for q in PERCENTILES]
-            + [str(s.lengths[-1]), str(s.over(max_seq_length)), str(s.exact_dups),
-               str(s.near_dup_prompts)] for s in stats]
+    head = (
+        ["file", "records"]
+        + kinds
+        + [f"p{q}" for q in PERCENTILES]
+        + ["max", f">{max_seq_length}", "dups", "near"]
+    )
+    rows = [
+        [s.path.name, str(len(s.records))]
+        + [str(s.kinds[k]) for k in kinds]
+        + [str(percentile(s.lengths, q)) for q in PERCENTILES]
+        + [
+            str(s.lengths[-1]),
+            str(s.over(max_seq_length)),
+            str(s.exact_dups),
+            str(s.near_dup_prompts),
+        ]
+        for s in stats
+    ]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths, strict=False))) for r in [head] + rows]
-    how = {"auto": "--prompt_format auto per file: raw for prompt/completion records, chat for "
-                   "messages", "raw": "raw: prompt + completion + EOS", "chat": "chat template "
-                   "applied"}[prompt_format]
-    lines.append(f"(lengths in tokens as trained, {how}; p50..max over records; "
-                 f"dups = exact duplicate records, near = prompts with a near duplicate in the "
-                 f"same file (another problem's, where records name theirs), Jaccard >= "
-                 f"{THRESHOLD} on character 5-grams)")
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=False))
+        )
+        for r in [head] + rows
+    ]
+    how = {
+        "auto": "--prompt_format auto per file: raw for prompt/completion records, chat for "
+        "messages",
+        "raw": "raw: prompt + completion + EOS",
+        "chat": "chat template applied",
+    }[prompt_format]
+    lines.append(
+        f"(lengths in tokens as trained, {how}; p50..max over records; "
+        f"dups = exact duplicate records, near = prompts with a near duplicate in the "
+        f"same file (another problem's, where records name theirs), Jaccard >= "
+        f"{THRESHOLD} on character 5-grams)"
+    )
     suspicious = any(s.exact_dups for s in stats)
     for i, a in enumerate(stats):
-        for b in stats[i + 1:]:
+        for b in stats[i + 1 :]:
             roles = {_role(a.path), _role(b.path)}
             o = overlap(a, b)
             leak = roles == {"train", "test"}
             label = "train/test overlap" if leak else "overlap"
-            lines.append(f"{label} {a.path.name} x {b.path.name}: {o['exact']} identical "
-                         f"records, {o['near_prompts']} near-duplicate prompts, "
-                         f"{o['problems']} shared problem ids")
+            lines.append(
+                f"{label} {a.path.name} x {b.path.name}: {o['exact']} identical "
+                f"records, {o['near_prompts']} near-duplicate prompts, "
+                f"{o['problems']} shared problem ids"
+            )
             suspicious |= leak and any(o.values())
     if histogram is not None:
         _write_histogram(histogram, [n for s in stats for n in s.lengths], max_seq_length)
@@ -158,8 +201,9 @@ def check_histogram_path(path: Path) -> None:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise DataError(f"{path}: cannot write the histogram there ({parent} is not a "
-                        f"writable directory)")
+        raise DataError(
+            f"{path}: cannot write the histogram there ({parent} is not a writable directory)"
+        )
 
 
 def _write_histogram(path: Path, lengths: list[int], max_seq_length: int) -> None:

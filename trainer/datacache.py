@@ -77,16 +77,21 @@ def default_num_proc() -> int:
 
 
 def tokenizer_hash(tokenizer: Any, model_dir: Path) -> str:
-    h = hashlib.sha256(faults.content_hash([Path(model_dir) / f for f in faults.TOKENIZER_FILES])
-                       .encode())
-    for part in (type(tokenizer).__name__, tokenizer.eos_token,
-                 getattr(tokenizer, "chat_template", None)):
+    h = hashlib.sha256(
+        faults.content_hash([Path(model_dir) / f for f in faults.TOKENIZER_FILES]).encode()
+    )
+    for part in (
+        type(tokenizer).__name__,
+        tokenizer.eos_token,
+        getattr(tokenizer, "chat_template", None),
+    ):
         h.update(b"\0" + str(part).encode())
     return h.hexdigest()[:16]
 
 
-def entry_key(file_hash: str, tok_hash: str, fmt_key: str, max_seq_length: int,
-              overlong: str) -> str:
+def entry_key(
+    file_hash: str, tok_hash: str, fmt_key: str, max_seq_length: int, overlong: str
+) -> str:
     text = json.dumps([CACHE_VERSION, file_hash, tok_hash, fmt_key, max_seq_length, overlong])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -101,16 +106,20 @@ def _records_arrow(path: Path, dest: Path) -> int:
     only reads. Returns the number of records."""
     import pyarrow as pa
 
-    schema = pa.schema([("json", pa.large_string()), ("place", pa.int64()),
-                        ("record", pa.int64())])
+    schema = pa.schema([("json", pa.large_string()), ("place", pa.int64()), ("record", pa.int64())])
     n, rows = 0, []
     jsonl = path.is_file() and path.suffix != ".parquet"
     # JSONL lines as they are; parquet rows and saved datasets validated, as JSON of the
     # fields that are trained on (other columns may hold what JSON cannot, e.g. timestamps).
     fields = ("prompt", "completion", "messages")
-    items = (jsonl_lines(path) if jsonl else
-             ((place, json.dumps({k: rec[k] for k in fields if k in rec}))
-              for place, rec in iter_records(path)))
+    items = (
+        jsonl_lines(path)
+        if jsonl
+        else (
+            (place, json.dumps({k: rec[k] for k in fields if k in rec}))
+            for place, rec in iter_records(path)
+        )
+    )
     with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for place, text in items:
             rows.append((text, place, n))
@@ -129,13 +138,19 @@ def _batch(rows: list[tuple[str, int, int]], schema: Any) -> Any:
 
     cols = list(zip(*rows, strict=True))
     rows.clear()
-    return pa.RecordBatch.from_arrays([pa.array(c, type=t.type) for c, t in zip(cols, schema,
-                                                                                 strict=True)],
-                                      schema=schema)
+    return pa.RecordBatch.from_arrays(
+        [pa.array(c, type=t.type) for c, t in zip(cols, schema, strict=True)], schema=schema
+    )
 
 
-def _tokenize_batch(batch: dict[str, list], tokenizer: Any, prompt_format: str,
-                    max_seq_length: int, overlong: str, prefix: str) -> dict[str, list]:
+def _tokenize_batch(
+    batch: dict[str, list],
+    tokenizer: Any,
+    prompt_format: str,
+    max_seq_length: int,
+    overlong: str,
+    prefix: str,
+) -> dict[str, list]:
     """The map function: parse, validate and tokenize a batch (prefix: "FILE:line " or
     "FILE:row ", for messages)."""
     recs = []
@@ -144,8 +159,9 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, prompt_format: str,
         validate_record(rec, prefix + str(place))
         recs.append(rec)
     try:
-        return tokenize_columns(recs, batch["record"], tokenizer, prompt_format,
-                                max_seq_length, overlong)
+        return tokenize_columns(
+            recs, batch["record"], tokenizer, prompt_format, max_seq_length, overlong
+        )
     except RecordError as e:
         raise DataError(f"{prefix}{batch['place'][e.index]}: {e}") from None
 
@@ -158,9 +174,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
-                max_seq_length: int, overlong: str, num_proc: int, inputs: dict[str, Any],
-                say: Any = print) -> None:
+def build_entry(
+    path: Path,
+    entry: Path,
+    tokenizer: Any,
+    prompt_format: str,
+    max_seq_length: int,
+    overlong: str,
+    num_proc: int,
+    inputs: dict[str, Any],
+    say: Any = print,
+) -> None:
     """Tokenize `path` into the cache entry `entry` (absent before, complete after)."""
     import datasets
 
@@ -170,14 +194,19 @@ def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
     try:
         n = _records_arrow(path, tmp / "records.arrow")
         procs = max(1, min(num_proc, n // MIN_RECORDS_PER_PROC))
-        say(f"tokenizing {path} ({n} records, {procs} process{'es' if procs > 1 else ''}) "
-            f"into {entry}")
+        say(
+            f"tokenizing {path} ({n} records, {procs} process{'es' if procs > 1 else ''}) "
+            f"into {entry}"
+        )
         features = datasets.Features(
             input_ids=datasets.Sequence(datasets.Value("int32")),
-            labels=datasets.Sequence(datasets.Value("int32")), state=datasets.Value("int8"),
-            n_labels=datasets.Value("int32"), merged=datasets.Value("int8"),
+            labels=datasets.Sequence(datasets.Value("int32")),
+            state=datasets.Value("int8"),
+            n_labels=datasets.Value("int32"),
+            merged=datasets.Value("int8"),
             end_tokens=datasets.Sequence(datasets.Value("int32")),
-            record=datasets.Value("int64"))
+            record=datasets.Value("int64"),
+        )
         records = datasets.Dataset.from_file(str(tmp / "records.arrow"))
         # Forked workers with the Rust tokenizer's own thread pool would deadlock-guard and warn;
         # with several processes the parallelism is theirs.
@@ -187,13 +216,24 @@ def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
         try:
             with _quiet_datasets():
                 out = records.map(
-                    _tokenize_batch, batched=True, batch_size=BATCH, num_proc=procs if procs > 1
-                    else None, remove_columns=records.column_names, features=features,
-                    fn_kwargs=dict(tokenizer=tokenizer, prompt_format=prompt_format,
-                                   max_seq_length=max_seq_length, overlong=overlong,
-                                   prefix=place_prefix(path)),
-                    cache_file_name=str(tmp / "tokens.arrow"), load_from_cache_file=False,
-                    new_fingerprint=entry.name, writer_batch_size=BATCH)
+                    _tokenize_batch,
+                    batched=True,
+                    batch_size=BATCH,
+                    num_proc=procs if procs > 1 else None,
+                    remove_columns=records.column_names,
+                    features=features,
+                    fn_kwargs=dict(
+                        tokenizer=tokenizer,
+                        prompt_format=prompt_format,
+                        max_seq_length=max_seq_length,
+                        overlong=overlong,
+                        prefix=place_prefix(path),
+                    ),
+                    cache_file_name=str(tmp / "tokens.arrow"),
+                    load_from_cache_file=False,
+                    new_fingerprint=entry.name,
+                    writer_batch_size=BATCH,
+                )
         finally:
             if procs > 1:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -203,12 +243,17 @@ def build_entry(path: Path, entry: Path, tokenizer: Any, prompt_format: str,
         del out, records
         (tmp / "records.arrow").unlink()
         data = load_entry_files(tmp, files, prompt_format, str(path), max_seq_length)
-        manifest = dict(version=CACHE_VERSION, key=entry.name, inputs=inputs,
-                        prompt_format=prompt_format, processes=procs,
-                        files={f: dict(bytes=(tmp / f).stat().st_size, sha256=_sha256(tmp / f))
-                               for f in files},
-                        end_tokens={str(k): v for k, v in data.end_tokens.items()},
-                        stats=data.stats, built=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        manifest = dict(
+            version=CACHE_VERSION,
+            key=entry.name,
+            inputs=inputs,
+            prompt_format=prompt_format,
+            processes=procs,
+            files={f: dict(bytes=(tmp / f).stat().st_size, sha256=_sha256(tmp / f)) for f in files},
+            end_tokens={str(k): v for k, v in data.end_tokens.items()},
+            stats=data.stats,
+            built=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
         del data
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
@@ -262,17 +307,25 @@ def check_entry(entry: Path, key: str) -> str | None:
     return None
 
 
-def load_entry_files(entry: Path, files: list[str], prompt_format: str, source: str,
-                     max_seq_length: int, end_tokens: dict[int, int] | None = None
-                     ) -> TokenizedSet:
+def load_entry_files(
+    entry: Path,
+    files: list[str],
+    prompt_format: str,
+    source: str,
+    max_seq_length: int,
+    end_tokens: dict[int, int] | None = None,
+) -> TokenizedSet:
     """An entry's Arrow files as a TokenizedSet: the files are memory-mapped only to read their
     layout and the small columns; token values stay in the files, read per example (see
     trainer.tokenized.FileValues); per-row offsets, lengths and counts are copied (~30 bytes
     per example)."""
     import pyarrow as pa
 
-    ids_chunks, label_chunks, small = [], [], {k: [] for k in ("state", "n_labels", "record",
-                                                                 "merged")}
+    ids_chunks, label_chunks, small = (
+        [],
+        [],
+        {k: [] for k in ("state", "n_labels", "record", "merged")},
+    )
     ends: list[list[int]] = []
     for name in files:
         path = str(entry / name)
@@ -285,8 +338,12 @@ def load_entry_files(entry: Path, files: list[str], prompt_format: str, source: 
             for chunk in table.column(col).chunks:
                 values = chunk.values
                 pos = values.buffers()[1].address - base + values.offset * 4
-                out.append((FileValues(file, pos, len(values)),
-                            np.array(chunk.offsets.to_numpy(zero_copy_only=True))))
+                out.append(
+                    (
+                        FileValues(file, pos, len(values)),
+                        np.array(chunk.offsets.to_numpy(zero_copy_only=True)),
+                    )
+                )
         for k, parts in small.items():
             parts.append(np.array(table.column(k).to_numpy()))
         if end_tokens is None:
@@ -294,25 +351,48 @@ def load_entry_files(entry: Path, files: list[str], prompt_format: str, source: 
         del table
         mapped.close()
     cols = {k: np.concatenate(v) for k, v in small.items()}
-    return from_chunks(ids_chunks, label_chunks, cols["state"], cols["n_labels"], cols["record"],
-                       cols["merged"], count_end_tokens(ends) if end_tokens is None
-                       else end_tokens, prompt_format, source, max_seq_length)
+    return from_chunks(
+        ids_chunks,
+        label_chunks,
+        cols["state"],
+        cols["n_labels"],
+        cols["record"],
+        cols["merged"],
+        count_end_tokens(ends) if end_tokens is None else end_tokens,
+        prompt_format,
+        source,
+        max_seq_length,
+    )
 
 
 def load_entry(entry: Path, source: str, max_seq_length: int) -> TokenizedSet:
     manifest = json.loads((Path(entry) / MANIFEST).read_text())
-    return load_entry_files(Path(entry), list(manifest["files"]), manifest["prompt_format"],
-                            source, max_seq_length,
-                            {int(k): v for k, v in manifest["end_tokens"].items()})
+    return load_entry_files(
+        Path(entry),
+        list(manifest["files"]),
+        manifest["prompt_format"],
+        source,
+        max_seq_length,
+        {int(k): v for k, v in manifest["end_tokens"].items()},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The run's data: every file, built where needed (one rank), then mapped (every rank)
 
 
-def ensure_entries(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Path,
-                   requested_format: str, max_seq_length: int, overlong: str, cache_dir: Path,
-                   num_proc: int, say: Any = print) -> dict[str, Any]:
+def ensure_entries(
+    train: list[Path],
+    evals: list[Path],
+    tokenizer: Any,
+    model_dir: Path,
+    requested_format: str,
+    max_seq_length: int,
+    overlong: str,
+    cache_dir: Path,
+    num_proc: int,
+    say: Any = print,
+) -> dict[str, Any]:
     """Check or build the entries of every file (the builder rank). Raises DataError."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     tok = tokenizer_hash(tokenizer, model_dir)
@@ -340,16 +420,23 @@ def ensure_entries(train: list[Path], evals: list[Path], tokenizer: Any, model_d
         if fmt is None:  # auto, and nothing cached yet: any messages record in training data
             fmt = "chat" if any(_has_messages(t) for t in train) else "raw"
         t0 = time.perf_counter()
-        inputs = dict(file=str(p), file_sha256=hashes[str(p)], tokenizer=tok,
-                      prompt_format=fmt_key, max_seq_length=max_seq_length, overlong=overlong)
-        build_entry(Path(p), entry, tokenizer, fmt, max_seq_length, overlong, num_proc, inputs,
-                    say)
+        inputs = dict(
+            file=str(p),
+            file_sha256=hashes[str(p)],
+            tokenizer=tok,
+            prompt_format=fmt_key,
+            max_seq_length=max_seq_length,
+            overlong=overlong,
+        )
+        build_entry(Path(p), entry, tokenizer, fmt, max_seq_length, overlong, num_proc, inputs, say)
         entries[str(p)] = Entry(str(p), str(entry), True, time.perf_counter() - t0, fmt)
-    return dict(entries={k: vars(v) for k, v in entries.items()}, prompt_format=fmt,
-                # One file: its hash above (the same as content_hash([file]), so the
-                # checkpoint fingerprints of earlier versions still match); several: all in one.
-                train_hash=hashes[str(train[0])] if len(train) == 1
-                else faults.content_hash(train))
+    return dict(
+        entries={k: vars(v) for k, v in entries.items()},
+        prompt_format=fmt,
+        # One file: its hash above (the same as content_hash([file]), so the
+        # checkpoint fingerprints of earlier versions still match); several: all in one.
+        train_hash=hashes[str(train[0])] if len(train) == 1 else faults.content_hash(train),
+    )
 
 
 def _has_messages(path: Path) -> bool:
@@ -363,10 +450,19 @@ def _has_messages(path: Path) -> bool:
     return False
 
 
-def prepare(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Path,
-            requested_format: str, max_seq_length: int, overlong: str, cache_dir: Path,
-            num_proc: int, timeout_s: int, say: Any = print
-            ) -> tuple[list[TokenizedSet], list[TokenizedSet], dict[str, Any]]:
+def prepare(
+    train: list[Path],
+    evals: list[Path],
+    tokenizer: Any,
+    model_dir: Path,
+    requested_format: str,
+    max_seq_length: int,
+    overlong: str,
+    cache_dir: Path,
+    num_proc: int,
+    timeout_s: int,
+    say: Any = print,
+) -> tuple[list[TokenizedSet], list[TokenizedSet], dict[str, Any]]:
     """Collective: every file tokenized (once per node, or once) and mapped on every rank.
 
     Returns the train sets, the eval sets (in the order given) and the builder's report.
@@ -381,15 +477,30 @@ def prepare(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Pat
     crash: BaseException | None = None
     if dist.rank() == builder_rank:
         try:
-            result = ensure_entries(train, evals, tokenizer, model_dir, requested_format,
-                                    max_seq_length, overlong, cache_dir, num_proc, say)
+            result = ensure_entries(
+                train,
+                evals,
+                tokenizer,
+                model_dir,
+                requested_format,
+                max_seq_length,
+                overlong,
+                cache_dir,
+                num_proc,
+                say,
+            )
         except DataError as e:
             result = {"error": str(e)}
         except OSError as e:
             result = {"error": f"--data_cache_dir {cache_dir}: {e.strerror or e}"}
         except Exception as e:  # noqa: BLE001 - a bug: the waiting ranks must not wait for hours
-            crash, result = e, {"error": f"rank {dist.rank()} failed while tokenizing: "
-                                         f"{type(e).__name__}: {e}", "crash": True}
+            crash, result = (
+                e,
+                {
+                    "error": f"rank {dist.rank()} failed while tokenizing: {type(e).__name__}: {e}",
+                    "crash": True,
+                },
+            )
     if dist.is_initialized() and dist.world_size() > 1:
         # Gloo, whatever the training backend: a CPU wait with its own, long timeout.
         group = tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
@@ -405,8 +516,10 @@ def prepare(train: list[Path], evals: list[Path], tokenizer: Any, model_dir: Pat
         raise DataError(failed[0]["error"])
     built = [r for r in results if r is not None]
     if len({r["train_hash"] for r in built}) > 1:  # node-local caches: each node its own copy
-        raise DataError("the nodes' training files differ (their contents hash differently): "
-                        "every node must train on the same data")
+        raise DataError(
+            "the nodes' training files differ (their contents hash differently): "
+            "every node must train on the same data"
+        )
     mine = results[builder_rank]
     entries = mine["entries"]
     load = {}

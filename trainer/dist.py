@@ -34,9 +34,13 @@ def init(timeout_s: int) -> None:
     import deepspeed
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )
     if torch.cuda.is_available():  # before any collective: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
@@ -56,8 +60,10 @@ def _unlink_shm_segment() -> None:
     if torch.cuda.is_available() or not is_initialized():
         return
     tdist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}"
-            f"_{os.environ.get('MASTER_PORT')}_{rank()}")
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}"
+        f"_{os.environ.get('MASTER_PORT')}_{rank()}"
+    )
     with contextlib.suppress(OSError):
         os.unlink(name)
 

@@ -17,12 +17,29 @@ from pydantic import BaseModel, ConfigDict, Field
 # Keys DeepSpeed understands but this trainer does not drive (pipeline/tensor/expert
 # parallelism, compression, curriculum, autotuning...). Passing them would be silently
 # half-supported, so they are rejected with a clear message instead.
-UNSUPPORTED_KEYS = frozenset({
-    "pipeline", "hybrid_engine", "expert_parallel", "tensor_parallel", "compression_training",
-    "data_efficiency", "curriculum_learning", "autotuning", "elasticity", "sparse_attention",
-    "nebula", "quantize_training", "torch_autocast", "amp", "sequence_parallel_size",
-    "weight_quantization", "eigenvalue", "progressive_layer_drop", "zenflow",
-})
+UNSUPPORTED_KEYS = frozenset(
+    {
+        "pipeline",
+        "hybrid_engine",
+        "expert_parallel",
+        "tensor_parallel",
+        "compression_training",
+        "data_efficiency",
+        "curriculum_learning",
+        "autotuning",
+        "elasticity",
+        "sparse_attention",
+        "nebula",
+        "quantize_training",
+        "torch_autocast",
+        "amp",
+        "sequence_parallel_size",
+        "weight_quantization",
+        "eigenvalue",
+        "progressive_layer_drop",
+        "zenflow",
+    }
+)
 
 
 class _Strict(BaseModel):
@@ -143,11 +160,15 @@ class DSConfig(_Strict):
         """Checks across sections; raises ValueError naming the key and the fix."""
         zero = self.zero_optimization
         if zero.get("stage") != 3:
-            raise ValueError(f"zero_optimization.stage must be 3 (got {zero.get('stage')!r}); "
-                             f"qsft shards parameters, gradients and optimizer states")
+            raise ValueError(
+                f"zero_optimization.stage must be 3 (got {zero.get('stage')!r}); "
+                f"qsft shards parameters, gradients and optimizer states"
+            )
         if zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
-            raise ValueError("zero_optimization.stage3_gather_16bit_weights_on_model_save must be "
-                             "true, or consolidated checkpoints come out empty; set it to true")
+            raise ValueError(
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save must be "
+                "true, or consolidated checkpoints come out empty; set it to true"
+            )
         for name in ("bf16", "fp16"):
             enabled = (getattr(self, name) or {}).get("enabled", False)
             if not isinstance(enabled, bool):  # "false" would be truthy for us, false for them
@@ -157,22 +178,32 @@ class DSConfig(_Strict):
         if bf16_on and fp16_on:
             raise ValueError("bf16.enabled and fp16.enabled are both true; enable one of them")
         if self.scheduler is not None:
-            raise ValueError("scheduler: qsft builds warmup + cosine from --warmup_steps and "
-                             "--max_steps; remove the 'scheduler' block")
+            raise ValueError(
+                "scheduler: qsft builds warmup + cosine from --warmup_steps and "
+                "--max_steps; remove the 'scheduler' block"
+            )
         for part in ("offload_optimizer", "offload_param"):
             off = zero.get(part) or {}
             device = off.get("device", "none")
             if device == "nvme" and not off.get("nvme_path"):
-                raise ValueError(f"zero_optimization.{part}.device is nvme but nvme_path is not "
-                                 f"set; add zero_optimization.{part}.nvme_path")
+                raise ValueError(
+                    f"zero_optimization.{part}.device is nvme but nvme_path is not "
+                    f"set; add zero_optimization.{part}.nvme_path"
+                )
             if device != "none" and self.optimizer is None:
-                raise ValueError(f"zero_optimization.{part} needs a DeepSpeed 'optimizer' block "
-                                 f"(DeepSpeed rejects a client optimizer with offload); add "
-                                 f"\"optimizer\": {{\"type\": \"AdamW\"}}")
-        if (self.optimizer is not None and self.optimizer.params.torch_adam
-                and (zero.get("offload_optimizer") or {}).get("device", "none") != "none"):
-            raise ValueError("optimizer.params.torch_adam cannot run with offload_optimizer; "
-                             "remove torch_adam")
+                raise ValueError(
+                    f"zero_optimization.{part} needs a DeepSpeed 'optimizer' block "
+                    f"(DeepSpeed rejects a client optimizer with offload); add "
+                    f'"optimizer": {{"type": "AdamW"}}'
+                )
+        if (
+            self.optimizer is not None
+            and self.optimizer.params.torch_adam
+            and (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
+        ):
+            raise ValueError(
+                "optimizer.params.torch_adam cannot run with offload_optimizer; remove torch_adam"
+            )
 
 
 # Section name -> (module, class) of DeepSpeed's own pydantic model for it; every

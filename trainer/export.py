@@ -83,8 +83,9 @@ def build(model_dir: Path, tokenizer: Any, train: TokenizedSet, requested: str) 
         gen.validate(strict=True)
     except ValueError as e:
         first = next((x.strip(" -") for x in str(e).splitlines()[1:] if x.strip()), str(e))
-        raise ConfigError(f"{model_dir / 'generation_config.json'}: transformers refuses to save "
-                          f"it: {first}") from None
+        raise ConfigError(
+            f"{model_dir / 'generation_config.json'}: transformers refuses to save it: {first}"
+        ) from None
     saved_tokenizer, eos_id = tokenizer, None
     if len(ends) == 1 and ends[0] != tokenizer.eos_token_id:
         # Chat format: the answer ends with the template's end-of-turn token, which becomes
@@ -95,8 +96,10 @@ def build(model_dir: Path, tokenizer: Any, train: TokenizedSet, requested: str) 
     info = dict(
         prompt_format=train.prompt_format,
         prompt_format_flag=requested,
-        end_tokens=[dict(id=t, token=tokenizer.convert_ids_to_tokens(t),
-                         answers=train.end_tokens[t]) for t in ends],
+        end_tokens=[
+            dict(id=t, token=tokenizer.convert_ids_to_tokens(t), answers=train.end_tokens[t])
+            for t in ends
+        ],
         eos_token_id=_ids(gen.eos_token_id),
         tokenizer_eos_token=saved_tokenizer.eos_token,
     )
@@ -108,11 +111,22 @@ def build(model_dir: Path, tokenizer: Any, train: TokenizedSet, requested: str) 
 def describe(info: dict[str, Any]) -> str:
     """One line for the start message."""
     ends = ", ".join(f"{e['token']!r} (id {e['id']})" for e in info["end_tokens"]) or "nothing"
-    how = ("chosen by --prompt_format auto: " + ("every training record is prompt/completion"
-                                                 if info["prompt_format"] == "raw" else
-                                                 "the training data has messages records")
-           if info["prompt_format_flag"] == "auto" else "--prompt_format")
-    text = ("prompt + completion + EOS, no template" if info["prompt_format"] == "raw"
-            else "the tokenizer's chat template")
-    return (f"prompt format {info['prompt_format']} ({text}; {how}); answers end with {ends}; "
-            f"generation stops on {info['eos_token_id']}")
+    how = (
+        "chosen by --prompt_format auto: "
+        + (
+            "every training record is prompt/completion"
+            if info["prompt_format"] == "raw"
+            else "the training data has messages records"
+        )
+        if info["prompt_format_flag"] == "auto"
+        else "--prompt_format"
+    )
+    text = (
+        "prompt + completion + EOS, no template"
+        if info["prompt_format"] == "raw"
+        else "the tokenizer's chat template"
+    )
+    return (
+        f"prompt format {info['prompt_format']} ({text}; {how}); answers end with {ends}; "
+        f"generation stops on {info['eos_token_id']}"
+    )

@@ -55,8 +55,9 @@ def state_bytes(num_params: int) -> int:
 
 
 def space_error(path: Path, needed: int, free: int, what: str, fallback: str) -> str:
-    return (f"{what}: {path} needs about {_mb(needed)}, {_mb(free)} free on its filesystem; "
-            f"{fallback}")
+    return (
+        f"{what}: {path} needs about {_mb(needed)}, {_mb(free)} free on its filesystem; {fallback}"
+    )
 
 
 def _mb(n: float) -> str:
@@ -112,15 +113,16 @@ def non_finite(step: int, loss: float, grad_norm: float | None, last: str) -> st
         bad.append(f"gradient norm {grad_norm}")
     if not bad:
         return None
-    return (f"step {step}: {' and '.join(bad)}; training stopped before saving these weights. "
-            f"Last complete checkpoint: {last} (--resume auto continues from it; lower "
-            f"--learning_rate or set gradient_clipping in the DeepSpeed config first)")
+    return (
+        f"step {step}: {' and '.join(bad)}; training stopped before saving these weights. "
+        f"Last complete checkpoint: {last} (--resume auto continues from it; lower "
+        f"--learning_rate or set gradient_clipping in the DeepSpeed config first)"
+    )
 
 
 def local_weights_finite(engine: Any) -> bool:
     """This rank's share of the weights (ZeRO-3 partitions) holds no NaN/Inf; one sync."""
-    flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all()
-             for p in engine.module.parameters()]
+    flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters()]
     return bool(torch.stack(flags).all()) if flags else True
 
 
@@ -135,9 +137,16 @@ def diverging(loss: float, history: list[dict[str, Any]], factor: float) -> dict
 # ---------------------------------------------------------------------------------------------
 # What defines the data stream and the schedule: recorded with each checkpoint, compared on resume
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-                   "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
 
 
 def content_hash(paths: list[Path]) -> str:
@@ -165,12 +174,19 @@ def fingerprint(cfg: Any, global_batch: int, train_hash: str | None = None) -> d
     model_dir = Path(cfg.model_dir)
     # Contents, not paths: the same data moved elsewhere is the same stream.
     extra = {"train_weights": cfg.train_weights} if cfg.train_weights else {}
-    return {**extra,
-            "train_data": f"sha256:{train_hash or content_hash(cfg.train_paths)}",
-            "tokenizer": f"sha256:{content_hash([model_dir / f for f in TOKENIZER_FILES])}",
-            "seed": cfg.seed, "max_seq_length": cfg.max_seq_length, "packing": cfg.packing,
-            "overlong": cfg.overlong, "global_batch": global_batch, "max_steps": cfg.max_steps,
-            "warmup_steps": cfg.resolved_warmup_steps, "learning_rate": cfg.learning_rate}
+    return {
+        **extra,
+        "train_data": f"sha256:{train_hash or content_hash(cfg.train_paths)}",
+        "tokenizer": f"sha256:{content_hash([model_dir / f for f in TOKENIZER_FILES])}",
+        "seed": cfg.seed,
+        "max_seq_length": cfg.max_seq_length,
+        "packing": cfg.packing,
+        "overlong": cfg.overlong,
+        "global_batch": global_batch,
+        "max_steps": cfg.max_steps,
+        "warmup_steps": cfg.resolved_warmup_steps,
+        "learning_rate": cfg.learning_rate,
+    }
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -19,12 +19,19 @@ from typing import Any
 import torch
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity).
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                 "A10G": 125e12, "L4": 121e12}
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
 
 
-def flops_per_token(config: Any, num_params: int, mean_example_len: float,
-                    target_fraction: float = 1.0) -> float:
+def flops_per_token(
+    config: Any, num_params: int, mean_example_len: float, target_fraction: float = 1.0
+) -> float:
     embed = config.vocab_size * config.hidden_size
     tied = bool(getattr(config, "tie_word_embeddings", False))
     body = num_params - embed if tied else num_params - 2 * embed  # decoder layers + final norm
@@ -47,8 +54,9 @@ def device_peak_flops(dtype: torch.dtype) -> tuple[float, str]:
     return _measure(torch.device("cpu"), torch.float32), "measured CPU fp32 matmul"
 
 
-def _measure(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3
-             ) -> float:
+def _measure(
+    device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3
+) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up

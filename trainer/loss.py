@@ -53,12 +53,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_rows: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int
+    ) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
-            t = targets[start:start + chunk_rows]
-            logits = _logits(hidden[start:start + chunk_rows], weight)
+            t = targets[start : start + chunk_rows]
+            logits = _logits(hidden[start : start + chunk_rows], weight)
             picked = logits.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)
             top, sums = _exp_shifted_(logits)
             total += ((sums.log() + top - picked) * (t != IGNORE_INDEX)).sum()
@@ -75,7 +76,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # Accumulated in the weight's dtype; each chunk's matmul accumulates in fp32 inside.
         grad_w = torch.zeros_like(weight)
         for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start:start + rows], targets[start:start + rows]
+            h, t = hidden[start : start + rows], targets[start : start + rows]
             probs = _logits(h, weight)
             _, sums = _exp_shifted_(probs)
             probs.div_(sums.unsqueeze(1))  # softmax, in place
@@ -83,7 +84,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -valid.to(probs.dtype))
             probs.mul_(valid * grad_out)  # fp32, before the cast
             g = probs.to(hidden.dtype)
-            grad_h[start:start + rows] = g @ weight
+            grad_h[start : start + rows] = g @ weight
             grad_w.addmm_(g.T, h)
             del probs, g
         return grad_h, grad_w, None, None
@@ -116,19 +117,27 @@ class LinearWithLoss(nn.Linear):
     loss_impl = "chunked"
     chunk_rows: int | None = None  # None: chunk_rows_for(vocab)
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return super().forward(hidden)
         if self.loss_impl == "full":
-            return F.cross_entropy(F.linear(hidden, self.weight).float(), targets,
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            return F.cross_entropy(
+                F.linear(hidden, self.weight).float(),
+                targets,
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
         rows = self.chunk_rows or chunk_rows_for(self.weight.shape[0])
         return LinearCrossEntropy.apply(hidden, self.weight, targets, rows)
 
 
-def _forward_with_loss(self: Any, *args: Any, loss_positions: torch.Tensor | None = None,
-                       loss_targets: torch.Tensor | None = None, **kwargs: Any) -> Any:
+def _forward_with_loss(
+    self: Any,
+    *args: Any,
+    loss_positions: torch.Tensor | None = None,
+    loss_targets: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> Any:
     """The model's forward; with loss_targets, the decoder then our loss (a scalar)."""
     if loss_targets is None:
         return type(self).forward(self, *args, **kwargs)
@@ -172,5 +181,10 @@ def summed_loss(model: Any, micro_batch: dict[str, torch.Tensor], device: Any) -
     positions = rows * labels.shape[1] + cols
     targets = labels[rows, cols + 1]
     batch = {k: v.to(device) for k, v in micro_batch.items() if k != "labels"}
-    return model(**batch, **extra, use_cache=False, loss_positions=positions.to(device),
-                 loss_targets=targets.to(device))
+    return model(
+        **batch,
+        **extra,
+        use_cache=False,
+        loss_positions=positions.to(device),
+        loss_targets=targets.to(device),
+    )

@@ -43,8 +43,14 @@ class MetricsSink(NullSink):
         self.samples = open(self.logs / "data_order.jsonl", "a", buffering=1)
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                        dynamic_ncols=True, disable=os.environ.get("QSFT_NO_PROGRESS") == "1")
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=os.environ.get("QSFT_NO_PROGRESS") == "1",
+        )
         self.wandb = _start_wandb(wandb_cfg, self.message) if wandb_cfg else None
         self.wandb_run_id = self.wandb.id if self.wandb else None
 
@@ -54,10 +60,12 @@ class MetricsSink(NullSink):
             f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {record['step']} "
             f"loss {record['loss']:.4f} lr {record['lr']:.3e} grad_norm {record['grad_norm']:.3f} "
             f"tokens/s {record['tokens_per_s']:.0f} mfu {record.get('mfu', 0):.1%} "
-            f"padding {record.get('padding', 0):.1%} samples {record['consumed_samples']}\n")
+            f"padding {record.get('padding', 0):.1%} samples {record['consumed_samples']}\n"
+        )
         if self.wandb:
-            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"},
-                           step=record["step"])
+            self.wandb.log(
+                {f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"]
+            )
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.logs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -71,20 +79,36 @@ class MetricsSink(NullSink):
     def log_eval(self, history: list[dict[str, Any]]) -> None:
         last, best = history[-1], min(history, key=lambda r: r["eval_loss"])
         tmp = self.logs / "eval_results.json.tmp"
-        tmp.write_text(json.dumps({"history": history, "best_step": best["step"],
-                                   "best_eval_loss": best["eval_loss"],
-                                   "eval_data": self.eval_data}, indent=2) + "\n")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "history": history,
+                    "best_step": best["step"],
+                    "best_eval_loss": best["eval_loss"],
+                    "eval_data": self.eval_data,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         os.replace(tmp, self.logs / "eval_results.json")
-        self.message(f"eval step {last['step']}: loss {last['eval_loss']:.4f} perplexity "
-                     f"{last['perplexity']:.2f} (best {best['eval_loss']:.4f} at step "
-                     f"{best['step']})" + "".join(
-                         f"; {name} {loss:.4f}"
-                         for name, loss in last.get("eval_loss_by_file", {}).items()))
+        self.message(
+            f"eval step {last['step']}: loss {last['eval_loss']:.4f} perplexity "
+            f"{last['perplexity']:.2f} (best {best['eval_loss']:.4f} at step "
+            f"{best['step']})"
+            + "".join(
+                f"; {name} {loss:.4f}" for name, loss in last.get("eval_loss_by_file", {}).items()
+            )
+        )
         if self.wandb:
-            per_file = {f"eval/loss/{name}": loss
-                        for name, loss in last.get("eval_loss_by_file", {}).items()}
-            self.wandb.log({"eval/loss": last["eval_loss"], "eval/perplexity":
-                            last["perplexity"], **per_file}, step=last["step"])
+            per_file = {
+                f"eval/loss/{name}": loss
+                for name, loss in last.get("eval_loss_by_file", {}).items()
+            }
+            self.wandb.log(
+                {"eval/loss": last["eval_loss"], "eval/perplexity": last["perplexity"], **per_file},
+                step=last["step"],
+            )
 
     def message(self, text: str) -> None:
         self.bar.write(text)
@@ -119,9 +143,15 @@ def _start_wandb(cfg: dict[str, Any], say: Any) -> Any:
     if mode is None and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
         mode = "offline"
         say("wandb: no API key found; logging offline (upload later with `wandb sync`)")
-    kwargs = dict(project=cfg["project"], name=cfg["name"], config=cfg["config"],
-                  dir=cfg["dir"], id=cfg.get("run_id"), resume="allow" if cfg.get("run_id")
-                  else None, settings=wandb.Settings(init_timeout=60, silent=True))
+    kwargs = dict(
+        project=cfg["project"],
+        name=cfg["name"],
+        config=cfg["config"],
+        dir=cfg["dir"],
+        id=cfg.get("run_id"),
+        resume="allow" if cfg.get("run_id") else None,
+        settings=wandb.Settings(init_timeout=60, silent=True),
+    )
     try:
         return wandb.init(mode=mode, **kwargs)
     except Exception as e:  # wandb raises its own CommError/UsageError types on a bad network

@@ -26,18 +26,21 @@ def check_remote_code(model_dir: Path, trust: bool) -> None:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    for name, native in (("config.json", lambda c: c.get("model_type") in CONFIG_MAPPING_NAMES),
-                         ("tokenizer_config.json",
-                          lambda c: hasattr(transformers, str(c.get("tokenizer_class"))))):
+    for name, native in (
+        ("config.json", lambda c: c.get("model_type") in CONFIG_MAPPING_NAMES),
+        ("tokenizer_config.json", lambda c: hasattr(transformers, str(c.get("tokenizer_class")))),
+    ):
         f = Path(model_dir) / name
         try:
             content = json.loads(f.read_text()) if f.is_file() else {}
         except ValueError:
             continue  # a broken file is reported by the loader, naming it
         if "auto_map" in content and not native(content) and not trust:
-            raise ConfigError(f"{f}: needs custom code (auto_map) for a class transformers does "
-                              f"not have; it would run on every rank: pass --trust_remote_code "
-                              f"if you trust its source")
+            raise ConfigError(
+                f"{f}: needs custom code (auto_map) for a class transformers does "
+                f"not have; it would run on every rank: pass --trust_remote_code "
+                f"if you trust its source"
+            )
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
@@ -59,9 +62,16 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def build_model(model_dir: Path, ds_config: dict[str, Any], dtype: torch.dtype,
-                gradient_checkpointing: bool, seed: int, attention_impl: str = "loop",
-                loss_impl: str = "chunked", trust_remote_code: bool = False) -> tuple[Any, Any]:
+def build_model(
+    model_dir: Path,
+    ds_config: dict[str, Any],
+    dtype: torch.dtype,
+    gradient_checkpointing: bool,
+    seed: int,
+    attention_impl: str = "loop",
+    loss_impl: str = "chunked",
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
     """Create the causal LM with its parameters already sharded across ranks.
 
     Returns (model, hf_ds_config). The caller must keep `hf_ds_config` alive until
@@ -77,8 +87,11 @@ def build_model(model_dir: Path, ds_config: dict[str, Any], dtype: torch.dtype,
     set_seed(seed)  # same init on every rank, whatever the launch order
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     config.use_cache = False  # no KV cache in training (and required by gradient checkpointing)
-    kwargs = dict(dtype=dtype, attn_implementation=attention.register(attention_impl),
-                  trust_remote_code=trust_remote_code)
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=attention.register(attention_impl),
+        trust_remote_code=trust_remote_code,
+    )
     if has_weights(model_dir):
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, **kwargs)
     else:

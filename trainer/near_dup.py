@@ -29,11 +29,12 @@ def normalise(text: str) -> str:
 
 def shingles(text: str, n: int = SHINGLE) -> frozenset[str]:
     t = normalise(text)
-    return frozenset({t} if len(t) <= n else (t[i:i + n] for i in range(len(t) - n + 1)))
+    return frozenset({t} if len(t) <= n else (t[i : i + n] for i in range(len(t) - n + 1)))
 
 
-def near_duplicate_pairs(a: Mapping[Hashable, str], b: Mapping[Hashable, str],
-                         threshold: float = THRESHOLD) -> list[tuple[Hashable, Hashable, float]]:
+def near_duplicate_pairs(
+    a: Mapping[Hashable, str], b: Mapping[Hashable, str], threshold: float = THRESHOLD
+) -> list[tuple[Hashable, Hashable, float]]:
     """(key in a, key in b, Jaccard) for every pair at or above `threshold`, best first.
 
     Passing the same mapping twice finds duplicates within one set; a key is never paired with
@@ -50,8 +51,12 @@ def near_duplicate_pairs(a: Mapping[Hashable, str], b: Mapping[Hashable, str],
     by_text: dict[str, list[Hashable]] = defaultdict(list)
     for k, t in nb.items():
         by_text[t].append(k)
-    pairs = [(ka, kb, 1.0) for ka, t in na.items() for kb in by_text.get(t, ())
-             if not (same and kb == ka)]
+    pairs = [
+        (ka, kb, 1.0)
+        for ka, t in na.items()
+        for kb in by_text.get(t, ())
+        if not (same and kb == ka)
+    ]
     exact = {(ka, kb) for ka, kb, _ in pairs}
     sa = {k: shingles(t) for k, t in na.items()}
     sb = sa if same else {k: shingles(t) for k, t in nb.items()}
@@ -62,8 +67,11 @@ def near_duplicate_pairs(a: Mapping[Hashable, str], b: Mapping[Hashable, str],
     freq = Counter(g for s in distinct.values() for g in s)
     n_texts = len(distinct)
     # Below ~20 texts "common" is noise (three texts sharing a phrase would erase it).
-    common = {g for g, n in freq.items() if n > BOILERPLATE_SHARE * n_texts} if (
-        n_texts >= 20) else set()
+    common = (
+        {g for g, n in freq.items() if n > BOILERPLATE_SHARE * n_texts}
+        if (n_texts >= 20)
+        else set()
+    )
     if common:
         sa = {k: s - common for k, s in sa.items()}
         sb = sa if same else {k: s - common for k, s in sb.items()}

@@ -64,16 +64,46 @@ GB = 1e9  # decimal, as GPU datasheets count (an "80GB" card)
 
 # Qwen2.5 public configs (DESIGN.md's table); vocab 151,936 for all.
 QWEN25 = {
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True),
-    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-               num_key_value_heads=2, intermediate_size=11008, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False),
-    "14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
-                num_key_value_heads=8, intermediate_size=13824, tie_word_embeddings=False),
-    "32b": dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
-                num_key_value_heads=8, intermediate_size=27648, tie_word_embeddings=False),
+    "1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        tie_word_embeddings=True,
+    ),
+    "3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        intermediate_size=11008,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        tie_word_embeddings=False,
+    ),
+    "14b": dict(
+        hidden_size=5120,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=13824,
+        tie_word_embeddings=False,
+    ),
+    "32b": dict(
+        hidden_size=5120,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=27648,
+        tie_word_embeddings=False,
+    ),
 }
 VOCAB = 151936
 
@@ -91,12 +121,15 @@ class Shape:
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> Shape:
         try:
-            return cls(hidden=int(c["hidden_size"]), layers=int(c["num_hidden_layers"]),
-                       heads=int(c["num_attention_heads"]),
-                       kv_heads=int(c.get("num_key_value_heads", c["num_attention_heads"])),
-                       intermediate=int(c["intermediate_size"]),
-                       vocab=int(c.get("vocab_size", VOCAB)),
-                       tied=bool(c.get("tie_word_embeddings", False)))
+            return cls(
+                hidden=int(c["hidden_size"]),
+                layers=int(c["num_hidden_layers"]),
+                heads=int(c["num_attention_heads"]),
+                kv_heads=int(c.get("num_key_value_heads", c["num_attention_heads"])),
+                intermediate=int(c["intermediate_size"]),
+                vocab=int(c.get("vocab_size", VOCAB)),
+                tied=bool(c.get("tie_word_embeddings", False)),
+            )
         except KeyError as e:
             raise ConfigError(f"model config: missing key {e.args[0]!r}") from None
 
@@ -164,8 +197,13 @@ def estimate(shape: Shape, s: Setup) -> Estimate:
     offload_opt = s.offload in ("cpu", "nvme")
     offload_params = s.offload == "nvme"  # nvme: parameters and optimizer states both leave GPU
     cpu_ds, _, gather = estimate_zero3_model_states_mem_needs(
-        total_params=n, largest_layer_params=largest, num_gpus_per_node=s.gpus_per_node,
-        num_nodes=s.num_nodes, cpu_offload=offload_opt, cpu_offload_params=offload_params)
+        total_params=n,
+        largest_layer_params=largest,
+        num_gpus_per_node=s.gpus_per_node,
+        num_nodes=s.num_nodes,
+        cpu_offload=offload_opt,
+        cpu_offload_params=offload_params,
+    )
     # DeepSpeed's 18 bytes/param: bf16 parameter shard 2, fp32 gradient shard 4, fp32 master
     # weights + Adam moments 12. Offload moves the last two (and, for nvme, the first) off GPU.
     params = 0.0 if offload_params else 2 * n / w
@@ -190,47 +228,82 @@ def estimate(shape: Shape, s: Setup) -> Estimate:
         activations = tokens * (shape.layers * per_layer + norm)
         peak_extra = max(logits, backward)
     buckets = s.prefetch_bucket * e + s.reduce_bucket * 4
-    rows = {"parameters": params, "gradients": grads, "optimizer states": optim,
-            "ZeRO-3 gather buffer (largest layer)": gather, "activations": activations,
-            LOGITS_ROW: peak_extra, "prefetch/reduce buckets": buckets,
-            "CUDA context, NCCL, fragmentation": s.overhead}
+    rows = {
+        "parameters": params,
+        "gradients": grads,
+        "optimizer states": optim,
+        "ZeRO-3 gather buffer (largest layer)": gather,
+        "activations": activations,
+        LOGITS_ROW: peak_extra,
+        "prefetch/reduce buckets": buckets,
+        "CUDA context, NCCL, fragmentation": s.overhead,
+    }
     gpu_total = float(sum(rows.values()))
     # CPU per node: DeepSpeed's figure for offload (it includes its 1.5x pinned-buffer factor);
     # without offload it is the model-loading peak it reports. nvme: the states live on disk and
     # the CPU holds staging buffers, about the offloaded parameters' working set.
     cpu = float(cpu_ds) if s.offload != "nvme" else 1.5 * 4 * largest * s.gpus_per_node
-    return Estimate(rows=rows, gpu_total=gpu_total, cpu_per_node=cpu,
-                    checkpoint_disk=float(14 * n), consolidated_disk=float(e * n),
-                    consolidation_ram=0.5 * GB, fits=gpu_total <= s.gpu_mem)
+    return Estimate(
+        rows=rows,
+        gpu_total=gpu_total,
+        cpu_per_node=cpu,
+        checkpoint_disk=float(14 * n),
+        consolidated_disk=float(e * n),
+        consolidation_ram=0.5 * GB,
+        fits=gpu_total <= s.gpu_mem,
+    )
 
 
-def smallest_fix(shape: Shape, s: Setup, max_nodes: int = 256, size: str = "7b"
-                 ) -> tuple[str, Estimate] | None:
+def smallest_fix(
+    shape: Shape, s: Setup, max_nodes: int = 256, size: str = "7b"
+) -> tuple[str, Estimate] | None:
     """The least disruptive change that fits, in the order a user would try them: one change
     (checkpointing, a smaller micro batch, the fewest extra nodes, offload), then gradient
     checkpointing together with each of the others."""
     shipped = DS_CONFIG_DIR / f"zero3_{size}_offload.json"
-    offload_hint = (f"--ds_config {shipped.relative_to(DS_CONFIG_DIR.parent)}" if shipped.exists()
-                    else "a --ds_config with offload_optimizer device \"cpu\" and a DeepSpeed "
-                         "optimizer block, like ds_configs/zero3_14b_offload.json")
+    offload_hint = (
+        f"--ds_config {shipped.relative_to(DS_CONFIG_DIR.parent)}"
+        if shipped.exists()
+        else 'a --ds_config with offload_optimizer device "cpu" and a DeepSpeed '
+        "optimizer block, like ds_configs/zero3_14b_offload.json"
+    )
 
     def changes(base: Setup) -> list[tuple[str, Setup]]:
         out: list[tuple[str, Setup]] = []
         mb = base.micro_batch // 2
         while mb >= 1:
-            out.append((f"--batch_size {mb} (raise --gradient_accumulation_steps to keep the "
-                        f"global batch)", replace(base, micro_batch=mb)))
+            out.append(
+                (
+                    f"--batch_size {mb} (raise --gradient_accumulation_steps to keep the "
+                    f"global batch)",
+                    replace(base, micro_batch=mb),
+                )
+            )
             mb //= 2
         for nodes in range(base.num_nodes + 1, max_nodes + 1):
-            out.append((f"{nodes} nodes x {base.gpus_per_node} GPUs ({nodes * base.gpus_per_node}"
-                        f" GPUs)", replace(base, num_nodes=nodes, total_gpus=None)))
+            out.append(
+                (
+                    f"{nodes} nodes x {base.gpus_per_node} GPUs ({nodes * base.gpus_per_node}"
+                    f" GPUs)",
+                    replace(base, num_nodes=nodes, total_gpus=None),
+                )
+            )
         if base.offload == "none":
-            out.append((f"CPU offload of the optimizer ({offload_hint}; plan it with "
-                        f"--offload cpu)", replace(base, offload="cpu")))
+            out.append(
+                (
+                    f"CPU offload of the optimizer ({offload_hint}; plan it with --offload cpu)",
+                    replace(base, offload="cpu"),
+                )
+            )
         if base.offload != "nvme":
-            out.append(("NVMe offload of parameters and optimizer (a --ds_config with "
-                        "offload_param/offload_optimizer device \"nvme\"; plan it with --offload "
-                        "nvme)", replace(base, offload="nvme")))
+            out.append(
+                (
+                    "NVMe offload of parameters and optimizer (a --ds_config with "
+                    'offload_param/offload_optimizer device "nvme"; plan it with --offload '
+                    "nvme)",
+                    replace(base, offload="nvme"),
+                )
+            )
         return out
 
     candidates = []
@@ -239,8 +312,7 @@ def smallest_fix(shape: Shape, s: Setup, max_nodes: int = 256, size: str = "7b"
         candidates.append(("--gradient_checkpointing", gc))
     candidates += changes(s)
     if not s.gradient_checkpointing:
-        candidates += [(f"--gradient_checkpointing and {text}", cand)
-                       for text, cand in changes(gc)]
+        candidates += [(f"--gradient_checkpointing and {text}", cand) for text, cand in changes(gc)]
     for text, cand in candidates:
         est = estimate(shape, cand)
         if est.fits:
@@ -304,8 +376,9 @@ def model_shape(size: str, base_model: Path | None) -> Shape:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
     if size == "tiny":
-        return Shape.from_config(json.loads((ASSETS_DIR / "tiny_model" / "config.json")
-                                            .read_text()))
+        return Shape.from_config(
+            json.loads((ASSETS_DIR / "tiny_model" / "config.json").read_text())
+        )
     return Shape.from_config({**QWEN25[size], "vocab_size": VOCAB})
 
 
@@ -314,35 +387,57 @@ def _gb(x: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="plan", description="Per-GPU and per-node memory of a qsft "
-                                "ZeRO-3 run, and whether it fits; exit 0 fits, 3 does not.")
+    p = _OneLineParser(
+        prog="plan",
+        description="Per-GPU and per-node memory of a qsft "
+        "ZeRO-3 run, and whether it fits; exit 0 fits, 3 does not.",
+    )
     p.add_argument("--model_size", required=True, choices=MODEL_SIZES)
     p.add_argument("--base_model", type=Path, help="read the shape from DIR/config.json")
     p.add_argument("--hostfile", type=Path, help="DeepSpeed hostfile: nodes and slots")
     p.add_argument("--num_nodes", type=int, default=1)
     p.add_argument("--gpus_per_node", type=int, default=8)
     p.add_argument("--ds_config", type=Path, help="default ds_configs/zero3_<size>.json")
-    p.add_argument("--offload", choices=("none", "cpu", "nvme"),
-                   help="default: what the DeepSpeed config says")
+    p.add_argument(
+        "--offload", choices=("none", "cpu", "nvme"), help="default: what the DeepSpeed config says"
+    )
     p.add_argument("--max_seq_length", type=int, help="default: the size's training default")
     p.add_argument("--batch_size", type=int, help="micro batch per GPU; default: the size's")
-    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction,
-                   help="default: the size's training default (on for 14b and 32b)")
+    p.add_argument(
+        "--gradient_checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="default: the size's training default (on for 14b and 32b)",
+    )
     p.add_argument("--gpu_mem", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB")
-    p.add_argument("--target_fraction", type=float, default=1.0,
-                   help="share of tokens that are loss targets (logits are computed only there)")
-    p.add_argument("--overhead_gb", type=float, default=1.5,
-                   help="CUDA context, NCCL buffers and fragmentation per GPU")
+    p.add_argument(
+        "--target_fraction",
+        type=float,
+        default=1.0,
+        help="share of tokens that are loss targets (logits are computed only there)",
+    )
+    p.add_argument(
+        "--overhead_gb",
+        type=float,
+        default=1.5,
+        help="CUDA context, NCCL buffers and fragmentation per GPU",
+    )
     # The run's length and retention policy, for the disk the whole run needs; defaults as in
     # launch/train.py.
     p.add_argument("--max_steps", type=int, help="default: the size's")
     p.add_argument("--save_every_n_steps", "--save_steps", type=int, help="default: the size's")
-    p.add_argument("--consolidate", choices=("every", "final", "none"),
-                   help="default: the size's")
-    p.add_argument("--keep_last", type=int, default=2,
-                   help="resumable states kept (0: all), as launch/train.py")
-    p.add_argument("--keep_consolidated", type=int, default=0,
-                   help="consolidated models kept (0: all), as launch/train.py")
+    p.add_argument("--consolidate", choices=("every", "final", "none"), help="default: the size's")
+    p.add_argument(
+        "--keep_last",
+        type=int,
+        default=2,
+        help="resumable states kept (0: all), as launch/train.py",
+    )
+    p.add_argument(
+        "--keep_consolidated",
+        type=int,
+        default=0,
+        help="consolidated models kept (0: all), as launch/train.py",
+    )
     p.add_argument("--keep_best", action=argparse.BooleanOptionalAction, default=False)
     return p
 
@@ -359,8 +454,9 @@ class Retention:
     def saves(self) -> int:
         if self.save_every <= 0:
             return 0
-        return len(set(range(self.save_every, self.max_steps + 1, self.save_every))
-                   | {self.max_steps})
+        return len(
+            set(range(self.save_every, self.max_steps + 1, self.save_every)) | {self.max_steps}
+        )
 
     def peak_disk(self, est: Estimate) -> tuple[float, int, int]:
         """(bytes, resumable states, consolidated models) at the run's fullest moment: the end,
@@ -376,8 +472,14 @@ class Retention:
 
 def setup_from_args(args: argparse.Namespace) -> tuple[Shape, Setup]:
     defaults = SIZE_DEFAULTS[args.model_size]  # what launch/train.py would use
-    for flag in ("max_seq_length", "batch_size", "gradient_checkpointing", "max_steps",
-                 "save_every_n_steps", "consolidate"):
+    for flag in (
+        "max_seq_length",
+        "batch_size",
+        "gradient_checkpointing",
+        "max_steps",
+        "save_every_n_steps",
+        "consolidate",
+    ):
         if getattr(args, flag) is None:
             setattr(args, flag, defaults.get(flag, False))
     for flag in ("keep_last", "keep_consolidated", "save_every_n_steps"):
@@ -396,62 +498,95 @@ def setup_from_args(args: argparse.Namespace) -> tuple[Shape, Setup]:
     zero = ds.get("zero_optimization", {})
     offload = args.offload
     if offload is None:
-        devices = {(zero.get(k) or {}).get("device", "none")
-                   for k in ("offload_optimizer", "offload_param")}
+        devices = {
+            (zero.get(k) or {}).get("device", "none")
+            for k in ("offload_optimizer", "offload_param")
+        }
         offload = "nvme" if "nvme" in devices else "cpu" if "cpu" in devices else "none"
     if args.hostfile is not None:
         hosts = read_hostfile(args.hostfile)
         nodes, per_node = len(hosts), max(slots for _, slots in hosts)
         total = sum(slots for _, slots in hosts) if len({n for _, n in hosts}) > 1 else None
         if total:
-            print(f"note: {args.hostfile}: nodes have different slot counts; {total} GPUs in "
-                  f"all, CPU RAM planned for the fullest node ({per_node})", file=sys.stderr)
+            print(
+                f"note: {args.hostfile}: nodes have different slot counts; {total} GPUs in "
+                f"all, CPU RAM planned for the fullest node ({per_node})",
+                file=sys.stderr,
+            )
     else:
         nodes, per_node, total = args.num_nodes, args.gpus_per_node, None
-    return shape, Setup(num_nodes=nodes, gpus_per_node=per_node, micro_batch=args.batch_size,
-                        seq=args.max_seq_length, gradient_checkpointing=args.gradient_checkpointing,
-                        offload=offload, bf16=bool((ds.get("bf16") or {}).get("enabled", False)),
-                        gpu_mem=parse_size(args.gpu_mem), target_fraction=args.target_fraction,
-                        overhead=args.overhead_gb * GB,
-                        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 0)),
-                        reduce_bucket=int(zero.get("reduce_bucket_size", 0)), total_gpus=total)
+    return shape, Setup(
+        num_nodes=nodes,
+        gpus_per_node=per_node,
+        micro_batch=args.batch_size,
+        seq=args.max_seq_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+        offload=offload,
+        bf16=bool((ds.get("bf16") or {}).get("enabled", False)),
+        gpu_mem=parse_size(args.gpu_mem),
+        target_fraction=args.target_fraction,
+        overhead=args.overhead_gb * GB,
+        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 0)),
+        reduce_bucket=int(zero.get("reduce_bucket_size", 0)),
+        total_gpus=total,
+    )
 
 
 def retention_from_args(args: argparse.Namespace) -> Retention:
-    return Retention(args.max_steps, args.save_every_n_steps, args.consolidate, args.keep_last,
-                     args.keep_consolidated, args.keep_best)
+    return Retention(
+        args.max_steps,
+        args.save_every_n_steps,
+        args.consolidate,
+        args.keep_last,
+        args.keep_consolidated,
+        args.keep_best,
+    )
 
 
 def report(shape: Shape, s: Setup, est: Estimate, keep: Retention | None = None) -> str:
     n = shape.total_params()
-    lines = [f"model: {n / 1e9:.2f}B parameters (hidden {shape.hidden}, {shape.layers} layers, "
-             f"vocab {shape.vocab}{', tied' if shape.tied else ''}); "
-             + (f"{s.num_nodes} node(s), {s.gpus} GPUs in all" if s.total_gpus else
-                f"{s.num_nodes} node(s) x {s.gpus_per_node} GPUs = {s.gpus}") + "; micro batch "
-             f"{s.micro_batch} x {s.seq} tokens; {'bf16' if s.bf16 else 'fp32'}; gradient "
-             f"checkpointing {'on' if s.gradient_checkpointing else 'off'}; offload {s.offload}",
-             "", "| per GPU | memory |", "|---|---|"]
+    lines = [
+        f"model: {n / 1e9:.2f}B parameters (hidden {shape.hidden}, {shape.layers} layers, "
+        f"vocab {shape.vocab}{', tied' if shape.tied else ''}); "
+        + (
+            f"{s.num_nodes} node(s), {s.gpus} GPUs in all"
+            if s.total_gpus
+            else f"{s.num_nodes} node(s) x {s.gpus_per_node} GPUs = {s.gpus}"
+        )
+        + "; micro batch "
+        f"{s.micro_batch} x {s.seq} tokens; {'bf16' if s.bf16 else 'fp32'}; gradient "
+        f"checkpointing {'on' if s.gradient_checkpointing else 'off'}; offload {s.offload}",
+        "",
+        "| per GPU | memory |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {_gb(v)} |" for k, v in est.rows.items()]
-    lines += [f"| **total** | **{_gb(est.gpu_total)}** of {_gb(s.gpu_mem)} |", "",
-              "| elsewhere | size |", "|---|---|",
-              f"| CPU RAM per node (model states{', offload' if s.offload != 'none' else ''}) "
-              f"| {_gb(est.cpu_per_node)} |",
-              f"| checkpoint on disk (ZeRO shards: 2 + 12 bytes/param) "
-              f"| {_gb(est.checkpoint_disk)} |",
-              f"| consolidated/ per checkpoint (training dtype) | {_gb(est.consolidated_disk)} |",
-              f"| consolidation peak RAM (streaming; bench/consolidate.py) "
-              f"| about {_gb(est.consolidation_ram)} |"]
+    lines += [
+        f"| **total** | **{_gb(est.gpu_total)}** of {_gb(s.gpu_mem)} |",
+        "",
+        "| elsewhere | size |",
+        "|---|---|",
+        f"| CPU RAM per node (model states{', offload' if s.offload != 'none' else ''}) "
+        f"| {_gb(est.cpu_per_node)} |",
+        f"| checkpoint on disk (ZeRO shards: 2 + 12 bytes/param) | {_gb(est.checkpoint_disk)} |",
+        f"| consolidated/ per checkpoint (training dtype) | {_gb(est.consolidated_disk)} |",
+        f"| consolidation peak RAM (streaming; bench/consolidate.py) "
+        f"| about {_gb(est.consolidation_ram)} |",
+    ]
     if keep is not None and keep.saves():
         total, states, models = keep.peak_disk(est)
-        everything = keep.saves() * (est.checkpoint_disk + est.consolidated_disk * (
-            keep.consolidate == "every")) + est.consolidated_disk * (keep.consolidate == "final")
-        lines.append(f"| disk for the whole run: {keep.saves()} saves over {keep.max_steps} "
-                     f"steps; at most {states} resumable state(s) (--keep_last "
-                     f"{keep.keep_last}{', --keep_best' if keep.keep_best else ''}) and "
-                     f"{models} consolidated model(s) (--consolidate {keep.consolidate}"
-                     + (f", --keep_consolidated {keep.keep_consolidated}"
-                        if keep.keep_consolidated else "") + f") | {_gb(total)} "
-                     f"(keeping every state: {_gb(everything)}) |")
+        everything = keep.saves() * (
+            est.checkpoint_disk + est.consolidated_disk * (keep.consolidate == "every")
+        ) + est.consolidated_disk * (keep.consolidate == "final")
+        lines.append(
+            f"| disk for the whole run: {keep.saves()} saves over {keep.max_steps} "
+            f"steps; at most {states} resumable state(s) (--keep_last "
+            f"{keep.keep_last}{', --keep_best' if keep.keep_best else ''}) and "
+            f"{models} consolidated model(s) (--consolidate {keep.consolidate}"
+            + (f", --keep_consolidated {keep.keep_consolidated}" if keep.keep_consolidated else "")
+            + f") | {_gb(total)} "
+            f"(keeping every state: {_gb(everything)}) |"
+        )
     return "\n".join(lines + [""])
 
 
@@ -465,8 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report(shape, s, est, retention_from_args(args)))
     if est.fits:
-        print(f"FITS: {_gb(est.gpu_total)} per GPU of {_gb(s.gpu_mem)} "
-              f"({est.gpu_total / s.gpu_mem:.0%}).")
+        print(
+            f"FITS: {_gb(est.gpu_total)} per GPU of {_gb(s.gpu_mem)} "
+            f"({est.gpu_total / s.gpu_mem:.0%})."
+        )
         return 0
     fix = smallest_fix(shape, s, size=args.model_size)
     print(f"DOES NOT FIT: {_gb(est.gpu_total)} per GPU > {_gb(s.gpu_mem)}.")

@@ -12,13 +12,26 @@ import zlib
 from pathlib import Path
 
 _DIGITS = {  # 3x5 glyphs, rows top to bottom, "1" = ink
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111",
-    "3": "111001111001111", "4": "101101111001001", "5": "111100111001111",
-    "6": "111100111101111", "7": "111001001001001", "8": "111101111101111",
-    "9": "111101111001111", "k": "100101110101101", ".": "000000000000010",
+    "0": "111101101101111",
+    "1": "010110010010111",
+    "2": "111001111100111",
+    "3": "111001111001111",
+    "4": "101101111001001",
+    "5": "111100111001111",
+    "6": "111100111101111",
+    "7": "111001001001001",
+    "8": "111101111101111",
+    "9": "111101111001111",
+    "k": "100101110101101",
+    ".": "000000000000010",
 }
-WHITE, BLACK, BAR, MARK, GRID = (255, 255, 255), (0, 0, 0), (70, 110, 180), (200, 40, 40), (
-    225, 225, 225)
+WHITE, BLACK, BAR, MARK, GRID = (
+    (255, 255, 255),
+    (0, 0, 0),
+    (70, 110, 180),
+    (200, 40, 40),
+    (225, 225, 225),
+)
 
 
 def _short(n: float) -> str:
@@ -34,7 +47,7 @@ class _Canvas:
         for y in range(max(0, y0), min(self.h, y1)):
             row = self.px[y]
             for x in range(max(0, x0), min(self.w, x1)):
-                row[3 * x:3 * x + 3] = bytes(rgb)
+                row[3 * x : 3 * x + 3] = bytes(rgb)
 
     def text(self, x: int, y: int, s: str, scale: int = 2) -> None:
         for ch in s:
@@ -50,17 +63,29 @@ class _Canvas:
         raw = b"".join(b"\x00" + bytes(row) for row in self.px)
 
         def chunk(kind: bytes, data: bytes) -> bytes:
-            return (struct.pack(">I", len(data)) + kind + data
-                    + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+            return (
+                struct.pack(">I", len(data))
+                + kind
+                + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+            )
 
-        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n"
-                               + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h,
-                                                            8, 2, 0, 0, 0))
-                               + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+        Path(path).write_bytes(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b"")
+        )
 
 
-def histogram_png(path: Path, edges: list[float], counts: list[int],
-                  marker: float | None = None, width: int = 640, height: int = 360) -> None:
+def histogram_png(
+    path: Path,
+    edges: list[float],
+    counts: list[int],
+    marker: float | None = None,
+    width: int = 640,
+    height: int = 360,
+) -> None:
     """Bars for counts[i] over [edges[i], edges[i+1]); a red vertical line at `marker`.
 
     The x axis is labelled at its ends and at the marker, the y axis with the largest count.

@@ -64,9 +64,11 @@ def check_output_dir(output_dir: Path) -> None:
     missing = dist.gather_objects(missing)[0]
     if missing:
         where = ", ".join(f"rank {r} on {hosts[r]}" for r in missing[:4])
-        raise ConfigError(f"--output_dir {output_dir}: rank 0 on {hosts[0]} cannot see files "
-                          f"written by {where}: it must be one filesystem shared by every node "
-                          f"(checkpoints are written by all ranks)")
+        raise ConfigError(
+            f"--output_dir {output_dir}: rank 0 on {hosts[0]} cannot see files "
+            f"written by {where}: it must be one filesystem shared by every node "
+            f"(checkpoints are written by all ranks)"
+        )
 
 
 def agree(what: str, value: str) -> None:
@@ -76,5 +78,7 @@ def agree(what: str, value: str) -> None:
     if len(set(values)) > 1:
         hosts = dist.gather_objects(socket.gethostname())
         odd = next(r for r, v in enumerate(values) if v != values[0])
-        raise ConfigError(f"ranks disagree on the {what}: rank 0 on {hosts[0]} has {values[0]}, "
-                          f"rank {odd} on {hosts[odd]} has {values[odd]}")
+        raise ConfigError(
+            f"ranks disagree on the {what}: rank 0 on {hosts[0]} has {values[0]}, "
+            f"rank {odd} on {hosts[odd]} has {values[odd]}"
+        )

@@ -50,8 +50,9 @@ def find_qls() -> str:
     return found
 
 
-def lint(snippets: dict[str, str], qls: str | None = None,
-         timeout_s: float = 60.0) -> dict[str, list[Diagnostic]]:
+def lint(
+    snippets: dict[str, str], qls: str | None = None, timeout_s: float = 60.0
+) -> dict[str, list[Diagnostic]]:
     """Diagnostics for each named q snippet (an empty list when it parses cleanly).
 
     One server process for all snippets: start-up dominates the cost of a single file.
@@ -61,8 +62,13 @@ def lint(snippets: dict[str, str], qls: str | None = None,
         # qls indexes **/src/**/*.q under the workspace; the files need not exist on disk for
         # didOpen, but a real root keeps it from scanning the caller's directory.
         uris = {f"file://{root}/src/s{i}.q": name for i, name in enumerate(names)}
-        proc = subprocess.Popen([qls or find_qls()], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=root)
+        proc = subprocess.Popen(
+            [qls or find_qls()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=root,
+        )
         try:
             return _session(proc, root, uris, snippets, timeout_s)
         finally:
@@ -70,15 +76,25 @@ def lint(snippets: dict[str, str], qls: str | None = None,
             proc.wait()
 
 
-def _session(proc: subprocess.Popen, root: str, uris: dict[str, str],
-             snippets: dict[str, str], timeout_s: float) -> dict[str, list[Diagnostic]]:
+def _session(
+    proc: subprocess.Popen,
+    root: str,
+    uris: dict[str, str],
+    snippets: dict[str, str],
+    timeout_s: float,
+) -> dict[str, list[Diagnostic]]:
     def send(message: dict) -> None:
         body = json.dumps({"jsonrpc": "2.0", **message}).encode()
         proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
         proc.stdin.flush()
 
-    send({"id": 1, "method": "initialize",
-          "params": {"processId": os.getpid(), "rootUri": f"file://{root}", "capabilities": {}}})
+    send(
+        {
+            "id": 1,
+            "method": "initialize",
+            "params": {"processId": os.getpid(), "rootUri": f"file://{root}", "capabilities": {}},
+        }
+    )
     reader = _Reader(proc.stdout.fileno())
     deadline = time.monotonic() + timeout_s
     # Documents opened before the initialize reply are silently dropped by qls 1.0.5.
@@ -90,8 +106,19 @@ def _session(proc: subprocess.Popen, root: str, uris: dict[str, str],
 
     def open_all() -> None:
         for uri, name in uris.items():
-            send({"method": "textDocument/didOpen", "params": {"textDocument": {
-                "uri": uri, "languageId": "q", "version": 1, "text": snippets[name]}}})
+            send(
+                {
+                    "method": "textDocument/didOpen",
+                    "params": {
+                        "textDocument": {
+                            "uri": uri,
+                            "languageId": "q",
+                            "version": 1,
+                            "text": snippets[name],
+                        }
+                    },
+                }
+            )
 
     # From a thread: qls answers each document while we are still sending, and with both pipes
     # full a single-threaded client and the server would wait on each other forever.
@@ -102,15 +129,20 @@ def _session(proc: subprocess.Popen, root: str, uris: dict[str, str],
         message = reader.next(deadline)
         if message is None:
             missing = [uris[u] for u in uris if uris[u] not in found]
-            raise TimeoutError(f"qls published no diagnostics for {len(missing)} snippet(s) "
-                               f"within {timeout_s:.0f}s, e.g. {missing[0]!r}")
+            raise TimeoutError(
+                f"qls published no diagnostics for {len(missing)} snippet(s) "
+                f"within {timeout_s:.0f}s, e.g. {missing[0]!r}"
+            )
         if message.get("method") != "textDocument/publishDiagnostics":
             continue
         params = message["params"]
         if params["uri"] in uris:
             found[uris[params["uri"]]] = [
-                Diagnostic(d["range"]["start"]["line"], d["range"]["start"]["character"],
-                           d["message"]) for d in params["diagnostics"]]
+                Diagnostic(
+                    d["range"]["start"]["line"], d["range"]["start"]["character"], d["message"]
+                )
+                for d in params["diagnostics"]
+            ]
     writer.join()
     return found
 
@@ -125,8 +157,11 @@ class _Reader:
         while True:
             head, sep, rest = self.buf.partition(b"\r\n\r\n")
             if sep:
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length"))
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
                 if len(rest) >= length:
                     self.buf = rest[length:]
                     return json.loads(rest[:length])

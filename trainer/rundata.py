@@ -33,13 +33,23 @@ class RunData:
 
 def load(cfg: RunConfig, tokenizer: Any) -> RunData:
     """Collective: every file tokenized once (cached) and memory-mapped on this rank."""
+
     def say(text: str) -> None:  # the builder, before any log exists: one line, at once
         print(f"qsft: {text}", file=sys.stderr, flush=True)
 
     train, evals, report = datacache.prepare(
-        cfg.train_paths, cfg.eval_paths, tokenizer, cfg.model_dir, cfg.prompt_format,
-        cfg.max_seq_length, cfg.overlong, cfg.cache_dir,
-        cfg.num_proc or datacache.default_num_proc(), cfg.data_timeout_s, say)
+        cfg.train_paths,
+        cfg.eval_paths,
+        tokenizer,
+        cfg.model_dir,
+        cfg.prompt_format,
+        cfg.max_seq_length,
+        cfg.overlong,
+        cfg.cache_dir,
+        cfg.num_proc or datacache.default_num_proc(),
+        cfg.data_timeout_s,
+        say,
+    )
     return RunData(mix(train, cfg.train_weights), train, evals, report)
 
 
@@ -60,22 +70,30 @@ def steps_for_epochs(num_epochs: float, units_per_epoch: int, global_batch: int)
 def describe(name: str, data: TokenizedSet, cfg: RunConfig) -> list[str]:
     """Start-message lines for one file: what was kept, dropped, cut; boundary merges."""
     st = data.stats
-    lines = [f"{name} {data.source}: {st['records']} records -> {st['examples']} examples, "
-             f"{st['tokens']} tokens ({st['label_tokens']} trained)"]
+    lines = [
+        f"{name} {data.source}: {st['records']} records -> {st['examples']} examples, "
+        f"{st['tokens']} tokens ({st['label_tokens']} trained)"
+    ]
     if st["dropped"] or st["truncated"]:
-        what = (f"{st['dropped']} dropped" if cfg.overlong == "drop"
-                else f"{st['truncated']} cut to {cfg.max_seq_length} tokens"
-                + (f", {st['dropped']} dropped (nothing left to train)" if st["dropped"] else ""))
-        lines.append(f"{name}: {st['dropped'] + st['truncated']} of {st['records']} records are "
-                     f"longer than --max_seq_length {cfg.max_seq_length}: {what} "
-                     f"(--overlong {cfg.overlong})"
-                     + ("; the eval loss leaves them out" if name == "eval" and st["dropped"]
-                        else ""))
+        what = (
+            f"{st['dropped']} dropped"
+            if cfg.overlong == "drop"
+            else f"{st['truncated']} cut to {cfg.max_seq_length} tokens"
+            + (f", {st['dropped']} dropped (nothing left to train)" if st["dropped"] else "")
+        )
+        lines.append(
+            f"{name}: {st['dropped'] + st['truncated']} of {st['records']} records are "
+            f"longer than --max_seq_length {cfg.max_seq_length}: {what} "
+            f"(--overlong {cfg.overlong})"
+            + ("; the eval loss leaves them out" if name == "eval" and st["dropped"] else "")
+        )
     if st.get("boundary_merged"):
-        lines.append(f"warning: {name}: in {st['boundary_merged']} of {st['examples']} records "
-                     f"the prompt's last token merges with the completion's first (raw format, "
-                     f"as TRL's SFTTrainer): the model trains on a prompt ending that inference "
-                     f"never produces; end the prompts on a token boundary, e.g. a newline")
+        lines.append(
+            f"warning: {name}: in {st['boundary_merged']} of {st['examples']} records "
+            f"the prompt's last token merges with the completion's first (raw format, "
+            f"as TRL's SFTTrainer): the model trains on a prompt ending that inference "
+            f"never produces; end the prompts on a token boundary, e.g. a newline"
+        )
     return lines
 
 
@@ -85,13 +103,14 @@ def describe_all(data: RunData, cfg: RunConfig, sampler: Any) -> list[str]:
         lines += describe("train", s, cfg)
         if sampler.quotas is not None:
             q, n = sampler.quotas[k], len(s)
-            lines.append(f"train mix: {s.source} weight {cfg.train_weights[k]:g} -> {q} of each "
-                         f"epoch's {sum(sampler.quotas)} examples ({q / n:.2f}x its {n})")
+            lines.append(
+                f"train mix: {s.source} weight {cfg.train_weights[k]:g} -> {q} of each "
+                f"epoch's {sum(sampler.quotas)} examples ({q / n:.2f}x its {n})"
+            )
     for s in data.evals:
         lines += describe("eval", s, cfg)
     for entry in data.report["entries"].values():
-        how = (f"tokenized in {entry['seconds']:.1f}s" if entry["built"]
-               else "tokenized earlier")
+        how = f"tokenized in {entry['seconds']:.1f}s" if entry["built"] else "tokenized earlier"
         lines.append(f"data cache {entry['dir']}: {Path(entry['path']).name} {how}")
     return lines
 

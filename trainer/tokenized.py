@@ -35,18 +35,25 @@ from trainer.data import (
 KEPT, TRUNCATED, DROPPED = 0, 1, 2
 
 
-def tokenize_columns(recs: list[dict[str, Any]], record_index: list[int], tokenizer: Any,
-                     prompt_format: str, max_seq_length: int, overlong: str) -> dict[str, list]:
+def tokenize_columns(
+    recs: list[dict[str, Any]],
+    record_index: list[int],
+    tokenizer: Any,
+    prompt_format: str,
+    max_seq_length: int,
+    overlong: str,
+) -> dict[str, list]:
     """The table rows of a batch of validated records (raises RecordError for a bad one).
 
     Over max_seq_length: cut to it; dropped with --overlong drop, or when nothing trained is
     left in the cut; otherwise kept as truncated (prompt and the start of its answer, without
     the end token). Dropped rows keep no tokens.
     """
-    cols: dict[str, list] = {k: [] for k in ("input_ids", "labels", "state", "n_labels",
-                                             "merged", "end_tokens", "record")}
-    for enc, index in zip(encode_batch(recs, tokenizer, prompt_format), record_index,
-                          strict=True):
+    cols: dict[str, list] = {
+        k: []
+        for k in ("input_ids", "labels", "state", "n_labels", "merged", "end_tokens", "record")
+    }
+    for enc, index in zip(encode_batch(recs, tokenizer, prompt_format), record_index, strict=True):
         ids, labels, state = enc.input_ids, enc.labels, KEPT
         if len(ids) > max_seq_length:
             ids, labels = ids[:max_seq_length], labels[:max_seq_length]
@@ -124,7 +131,7 @@ class TokenColumn:
         c = bisect.bisect_right(self._starts, row) - 1
         values, offsets = self.chunks[c]
         k = row - self._starts[c]
-        return values[offsets[k]:offsets[k + 1]]
+        return values[offsets[k] : offsets[k + 1]]
 
     def __getitem__(self, i: int | slice) -> Any:
         if isinstance(i, slice):
@@ -167,27 +174,47 @@ def _flat(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets
 
 
-def from_chunks(ids_chunks: list[tuple[np.ndarray, np.ndarray]],
-                label_chunks: list[tuple[np.ndarray, np.ndarray]], state: np.ndarray,
-                n_labels: np.ndarray, record: np.ndarray, merged: np.ndarray,
-                end_tokens: dict[int, int], prompt_format: str, source: str,
-                max_seq_length: int) -> TokenizedSet:
+def from_chunks(
+    ids_chunks: list[tuple[np.ndarray, np.ndarray]],
+    label_chunks: list[tuple[np.ndarray, np.ndarray]],
+    state: np.ndarray,
+    n_labels: np.ndarray,
+    record: np.ndarray,
+    merged: np.ndarray,
+    end_tokens: dict[int, int],
+    prompt_format: str,
+    source: str,
+    max_seq_length: int,
+) -> TokenizedSet:
     """A TokenizedSet over the rows of a table (chunked buffers + small per-row arrays)."""
     keep = np.flatnonzero(state != DROPPED)
     if not len(keep):
-        raise DataError(f"{source}: every example is longer than --max_seq_length "
-                        f"{max_seq_length}; raise it or use --overlong truncate")
+        raise DataError(
+            f"{source}: every example is longer than --max_seq_length "
+            f"{max_seq_length}; raise it or use --overlong truncate"
+        )
     lengths = np.concatenate([np.diff(o) for _, o in ids_chunks]).astype(np.int32)[keep]
-    data = TokenizedSet(TokenColumn(ids_chunks, keep), TokenColumn(label_chunks, keep),
-                        record.astype(np.int64)[keep], lengths,
-                        n_labels.astype(np.int64)[keep], prompt_format=prompt_format,
-                        dropped=int((state == DROPPED).sum()),
-                        truncated=int((state == TRUNCATED).sum()),
-                        boundary_merged=int(merged.sum()), end_tokens=dict(end_tokens),
-                        source=source)
-    data.stats = dict(records=len(state), examples=len(data), dropped=data.dropped,
-                      truncated=data.truncated, tokens=int(lengths.sum()),
-                      label_tokens=int(data.n_labels.sum()))
+    data = TokenizedSet(
+        TokenColumn(ids_chunks, keep),
+        TokenColumn(label_chunks, keep),
+        record.astype(np.int64)[keep],
+        lengths,
+        n_labels.astype(np.int64)[keep],
+        prompt_format=prompt_format,
+        dropped=int((state == DROPPED).sum()),
+        truncated=int((state == TRUNCATED).sum()),
+        boundary_merged=int(merged.sum()),
+        end_tokens=dict(end_tokens),
+        source=source,
+    )
+    data.stats = dict(
+        records=len(state),
+        examples=len(data),
+        dropped=data.dropped,
+        truncated=data.truncated,
+        tokens=int(lengths.sum()),
+        label_tokens=int(data.n_labels.sum()),
+    )
     if prompt_format == "raw":
         data.stats["boundary_merged"] = data.boundary_merged
     return data
@@ -201,9 +228,14 @@ def count_end_tokens(end_tokens: list[list[int]]) -> dict[int, int]:
     return out
 
 
-def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, max_seq_length: int,
-                     overlong: str = "drop", source: str = "data",
-                     prompt_format: str = "auto") -> TokenizedSet:
+def tokenize_records(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    max_seq_length: int,
+    overlong: str = "drop",
+    source: str = "data",
+    prompt_format: str = "auto",
+) -> TokenizedSet:
     """Tokenize and mask validated records in memory (small sets, tests, the data tools).
 
     `auto` resolves on these records (the trainer resolves it on the training set and passes
@@ -213,15 +245,28 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, max_seq_leng
     prompt_format = resolve_prompt_format(prompt_format, records)
     where = records.where if isinstance(records, Records) else (lambda i: f"{source}: record {i}")
     try:
-        cols = tokenize_columns(list(records), list(range(len(records))), tokenizer,
-                                prompt_format, max_seq_length, overlong)
+        cols = tokenize_columns(
+            list(records),
+            list(range(len(records))),
+            tokenizer,
+            prompt_format,
+            max_seq_length,
+            overlong,
+        )
     except RecordError as e:
         raise DataError(f"{where(e.index)}: {e}") from None
-    return from_chunks([_flat(cols["input_ids"])], [_flat(cols["labels"])],
-                       np.array(cols["state"], dtype=np.int8), np.array(cols["n_labels"]),
-                       np.array(cols["record"]), np.array(cols["merged"]),
-                       count_end_tokens(cols["end_tokens"]), prompt_format, source,
-                       max_seq_length)
+    return from_chunks(
+        [_flat(cols["input_ids"])],
+        [_flat(cols["labels"])],
+        np.array(cols["state"], dtype=np.int8),
+        np.array(cols["n_labels"]),
+        np.array(cols["record"]),
+        np.array(cols["merged"]),
+        count_end_tokens(cols["end_tokens"]),
+        prompt_format,
+        source,
+        max_seq_length,
+    )
 
 
 def mix(sets: list[TokenizedSet], weights: list[float] | None) -> TokenizedSet:
@@ -240,8 +285,15 @@ def mix(sets: list[TokenizedSet], weights: list[float] | None) -> TokenizedSet:
         rows.append(s.input_ids.rows + row0)
         label_rows.append(s.labels.rows + row0)
         ids.append(s.ids + record0)
-        parts.append(dict(path=s.source, examples=len(s), first_example=example0,
-                          first_record=record0, weight=weights[k] if weights else None))
+        parts.append(
+            dict(
+                path=s.source,
+                examples=len(s),
+                first_example=example0,
+                first_record=record0,
+                weight=weights[k] if weights else None,
+            )
+        )
         row0 += s.input_ids.total_rows
         record0 += s.stats["records"]
         example0 += len(s)
@@ -249,18 +301,31 @@ def mix(sets: list[TokenizedSet], weights: list[float] | None) -> TokenizedSet:
     for s in sets:
         for t, n in s.end_tokens.items():
             end_tokens[t] = end_tokens.get(t, 0) + n
-    out = TokenizedSet(TokenColumn(ids_chunks, np.concatenate(rows)),
-                       TokenColumn(label_chunks, np.concatenate(label_rows)),
-                       np.concatenate(ids), np.concatenate([s.lengths for s in sets]),
-                       np.concatenate([s.n_labels for s in sets]),
-                       prompt_format=sets[0].prompt_format,
-                       dropped=sum(s.dropped for s in sets),
-                       truncated=sum(s.truncated for s in sets),
-                       boundary_merged=sum(s.boundary_merged for s in sets),
-                       end_tokens=end_tokens, source=" + ".join(s.source for s in sets),
-                       parts=parts)
-    out.stats = {k: sum(s.stats.get(k, 0) for s in sets)
-                 for k in ("records", "examples", "dropped", "truncated", "tokens",
-                           "label_tokens", "boundary_merged") if k in sets[0].stats}
+    out = TokenizedSet(
+        TokenColumn(ids_chunks, np.concatenate(rows)),
+        TokenColumn(label_chunks, np.concatenate(label_rows)),
+        np.concatenate(ids),
+        np.concatenate([s.lengths for s in sets]),
+        np.concatenate([s.n_labels for s in sets]),
+        prompt_format=sets[0].prompt_format,
+        dropped=sum(s.dropped for s in sets),
+        truncated=sum(s.truncated for s in sets),
+        boundary_merged=sum(s.boundary_merged for s in sets),
+        end_tokens=end_tokens,
+        source=" + ".join(s.source for s in sets),
+        parts=parts,
+    )
+    out.stats = {
+        k: sum(s.stats.get(k, 0) for s in sets)
+        for k in (
+            "records",
+            "examples",
+            "dropped",
+            "truncated",
+            "tokens",
+            "label_tokens",
+            "boundary_merged",
+        )
+        if k in sets[0].stats
+    }
     return out
-

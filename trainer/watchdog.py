@@ -46,8 +46,9 @@ class Watchdog:
         addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         self.where = f"{addr}:{port}"
         # Our own client connection: the thread never shares one with the main thread.
-        self.store = tdist.TCPStore(addr, port, is_master=False,
-                                    timeout=timedelta(seconds=max(10.0, timeout_s)))
+        self.store = tdist.TCPStore(
+            addr, port, is_master=False, timeout=timedelta(seconds=max(10.0, timeout_s))
+        )
         self.store.set(f"{KEY}/host/{rank}", self.host)
         self.store.set(f"{KEY}/beat/{rank}", "0")
         self._stop = threading.Event()
@@ -101,15 +102,18 @@ class Watchdog:
             except Exception as e:  # noqa: BLE001 - any store failure means rank 0 is gone
                 if self._stop.is_set():
                     return
-                self._declare(f"lost the rendezvous store on rank 0 ({self.where}): rank 0 "
-                              f"died or its node is unreachable ({type(e).__name__})")
+                self._declare(
+                    f"lost the rendezvous store on rank 0 ({self.where}): rank 0 "
+                    f"died or its node is unreachable ({type(e).__name__})"
+                )
                 return
             for r, value in zip(others, values, strict=True):
                 if value == "done":
                     continue
                 if value.startswith("failed:"):
-                    self._declare(f"rank {r} on {self._host(r)} failed: "
-                                  f"{value.removeprefix('failed:')}")
+                    self._declare(
+                        f"rank {r} on {self._host(r)} failed: {value.removeprefix('failed:')}"
+                    )
                     return
                 if value.startswith("stopping:"):
                     self._declare(value.removeprefix("stopping:"), tell=False)
@@ -118,9 +122,11 @@ class Watchdog:
                 if seen is None or seen[0] != value:
                     last[r] = (value, now)
                 elif now - seen[1] > self.timeout_s:
-                    self._declare(f"rank {r} on {self._host(r)} sent no heartbeat for "
-                                  f"{now - seen[1]:.0f} s (--rank_timeout_s "
-                                  f"{self.timeout_s:g}): it died or its node is unreachable")
+                    self._declare(
+                        f"rank {r} on {self._host(r)} sent no heartbeat for "
+                        f"{now - seen[1]:.0f} s (--rank_timeout_s "
+                        f"{self.timeout_s:g}): it died or its node is unreachable"
+                    )
                     return
 
     def _host(self, r: int) -> str:
@@ -186,5 +192,15 @@ def is_comm_error(e: BaseException) -> bool:
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and any(
-        k in text for k in ("gloo", "NCCL", "c10d", "Connection closed", "Connection reset",
-                            "Broken pipe", "timed out", "Timed out"))
+        k in text
+        for k in (
+            "gloo",
+            "NCCL",
+            "c10d",
+            "Connection closed",
+            "Connection reset",
+            "Broken pipe",
+            "timed out",
+            "Timed out",
+        )
+    )

@@ -34,11 +34,23 @@ from trainer.config import ConfigError
 # The order in which transformers 5.x looks for weights in a local directory
 # (modeling_utils._get_resolved_checkpoint_files): single safetensors, sharded safetensors,
 # single pickle, sharded pickle.
-WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
-              "I8": torch.int8, "BOOL": torch.bool}
+WEIGHT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "BOOL": torch.bool,
+}
 _CHUNK = 1 << 24  # elements read at a time by the load check
 
 
@@ -134,8 +146,9 @@ def _mapped_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _pickle_header(path: Path) -> dict[str, TensorInfo]:
-    return {k: TensorInfo(k, path, tuple(v.shape), v.dtype)
-            for k, v in _mapped_pickle(path).items()}
+    return {
+        k: TensorInfo(k, path, tuple(v.shape), v.dtype) for k, v in _mapped_pickle(path).items()
+    }
 
 
 def signature(model_dir: Path) -> str:
@@ -179,11 +192,15 @@ def check_files(model_dir: Path) -> dict[str, TensorInfo]:
     if wrong:
         k = wrong[0]
         more = f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        problems.append(f"shape of {k} is {list(index[k].shape)} in {index[k].file.name}, "
-                        f"config.json needs {list(shapes[k])}{more}")
+        problems.append(
+            f"shape of {k} is {list(index[k].shape)} in {index[k].file.name}, "
+            f"config.json needs {list(shapes[k])}{more}"
+        )
     if problems:
-        raise ConfigError(f"--base_model {model_dir}: the weights do not match config.json: "
-                          + "; ".join(problems))
+        raise ConfigError(
+            f"--base_model {model_dir}: the weights do not match config.json: "
+            + "; ".join(problems)
+        )
     return index
 
 
@@ -215,8 +232,9 @@ class LoadCheck:
     error: str | None = None
 
 
-def verify_loaded(model: Any, index: dict[str, TensorInfo], model_dir: Path,
-                  rank: int | None = None) -> LoadCheck:
+def verify_loaded(
+    model: Any, index: dict[str, TensorInfo], model_dir: Path, rank: int | None = None
+) -> LoadCheck:
     """Compare this rank's share of every parameter with the files, exactly.
 
     Under ZeRO-3 a parameter's partition on rank r (`ds_tensor`) holds elements
@@ -254,7 +272,7 @@ def verify_loaded(model: Any, index: dict[str, TensorInfo], model_dir: Path,
             hi = min(lo + _CHUNK, stop)
             want = read_flat(info, lo, hi)
             out.bytes_read += want.numel() * want.element_size()
-            mine = got[lo - start:hi - start].cpu()
+            mine = got[lo - start : hi - start].cpu()
             if not torch.equal(mine, want.to(mine.dtype)):
                 diff = (mine.float() - want.float()).abs().max().item()
                 bad.append((name, diff))
@@ -265,9 +283,11 @@ def verify_loaded(model: Any, index: dict[str, TensorInfo], model_dir: Path,
     if bad:
         name, diff = bad[0]
         more = f" and {len(bad) - 1} more differ" if len(bad) > 1 else " differs"
-        out.error = (f"--base_model {model_dir}: after loading, {name}{more} from the "
-                     f"weight files (max abs diff {diff:.3g}): the load left parameters at "
-                     f"their initial values or mixed them up; nothing was trained")
+        out.error = (
+            f"--base_model {model_dir}: after loading, {name}{more} from the "
+            f"weight files (max abs diff {diff:.3g}): the load left parameters at "
+            f"their initial values or mixed them up; nothing was trained"
+        )
     return out
 
 

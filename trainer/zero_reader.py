@@ -68,8 +68,10 @@ class TorchZipFile:
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: file not found") from None
         except (zipfile.BadZipFile, ValueError, OSError) as e:
-            raise CheckpointError(f"{self.path}: not a readable checkpoint shard, corrupt or "
-                                  f"truncated ({type(e).__name__})") from None
+            raise CheckpointError(
+                f"{self.path}: not a readable checkpoint shard, corrupt or "
+                f"truncated ({type(e).__name__})"
+            ) from None
         self._data_offsets: dict[str, int] = {}
         pickle_name = None
         for info in archive.infolist():
@@ -81,8 +83,9 @@ class TorchZipFile:
                     raise CheckpointError(f"{self.path}: compressed tensor data is not supported")
                 start = self._data_start(info)
                 if start + info.file_size > len(self._map):
-                    raise CheckpointError(f"{self.path}: truncated (tensor data runs past the end "
-                                          f"of the file)")
+                    raise CheckpointError(
+                        f"{self.path}: truncated (tensor data runs past the end of the file)"
+                    )
                 self._data_offsets[parts[-1]] = start
         if pickle_name is None:
             raise CheckpointError(f"{self.path}: no data.pkl; not a torch checkpoint")
@@ -92,7 +95,7 @@ class TorchZipFile:
             raise CheckpointError(f"{self.path}: corrupt pickle ({type(e).__name__})") from None
 
     def _data_start(self, info: zipfile.ZipInfo) -> int:
-        head = self._map[info.header_offset:info.header_offset + self._LOCAL_HEADER.size]
+        head = self._map[info.header_offset : info.header_offset + self._LOCAL_HEADER.size]
         if len(head) < self._LOCAL_HEADER.size:
             raise CheckpointError(f"{self.path}: truncated zip header")
         fields = self._LOCAL_HEADER.unpack(head)
@@ -110,8 +113,9 @@ class TorchZipFile:
             raise CheckpointError(f"{self.path}: truncated")
         with warnings.catch_warnings():  # the map is read-only; we clone before anyone writes
             warnings.simplefilter("ignore", UserWarning)
-            out = torch.frombuffer(self._map, dtype=t.storage.dtype, count=stop - start,
-                                   offset=begin).clone()
+            out = torch.frombuffer(
+                self._map, dtype=t.storage.dtype, count=stop - start, offset=begin
+            ).clone()
         self._release(begin, nbytes)
         return out
 
@@ -188,8 +192,10 @@ class ZeroCheckpoint:
             raise CheckpointError(f"{model_file}: frozen parameters are not supported")
         self.world_size = int(state.get("dp_world_size", 0))
         self.param_shapes: dict[str, torch.Size] = {
-            name: torch.Size(shape) for group in state["param_shapes"]
-            for name, shape in group.items()}
+            name: torch.Size(shape)
+            for group in state["param_shapes"]
+            for name, shape in group.items()
+        }
         self.shared_params: dict[str, str] = dict(state.get("shared_params", {}))
         self.ds_config: dict[str, Any] = state.get("ds_config") or {}
         trainer_state = state.get("qsft_trainer_state") or {}
@@ -197,17 +203,21 @@ class ZeroCheckpoint:
         self.buffers = {n: meta.read_all(state["module"][n]) for n in state.get("buffer_names", [])}
         meta.close()
 
-        files = sorted(self.tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                       key=_rank_of)
-        expected = [self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-                    for r in range(self.world_size)]
+        files = sorted(self.tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
+        expected = [
+            self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+            for r in range(self.world_size)
+        ]
         for path in expected:
             if not path.is_file():
-                raise CheckpointError(f"{path}: missing (the checkpoint was written by "
-                                      f"{self.world_size} ranks)")
+                raise CheckpointError(
+                    f"{path}: missing (the checkpoint was written by {self.world_size} ranks)"
+                )
         if len(files) != self.world_size:
-            raise CheckpointError(f"{self.tag_dir}: {len(files)} optimizer shards but the "
-                                  f"metadata says {self.world_size} ranks")
+            raise CheckpointError(
+                f"{self.tag_dir}: {len(files)} optimizer shards but the "
+                f"metadata says {self.world_size} ranks"
+            )
         self.shards = [TorchZipFile(p) for p in expected]
         self.flat_groups: list[list[LazyTensor]] = []
         for shard in self.shards:
@@ -217,8 +227,10 @@ class ZeroCheckpoint:
             if "fp32_flat_groups" not in osd:
                 raise CheckpointError(f"{shard.path}: not a ZeRO-3 optimizer shard")
             if osd.get("partition_count") != self.world_size:
-                raise CheckpointError(f"{shard.path}: written by {osd.get('partition_count')} "
-                                      f"ranks but the metadata says {self.world_size}")
+                raise CheckpointError(
+                    f"{shard.path}: written by {osd.get('partition_count')} "
+                    f"ranks but the metadata says {self.world_size}"
+                )
             self.flat_groups.append(list(osd["fp32_flat_groups"]))
         self._layout()
 
@@ -226,9 +238,11 @@ class ZeroCheckpoint:
         sizes = [[g.numel for g in groups] for groups in self.flat_groups]
         for shard, size in zip(self.shards, sizes, strict=True):
             if size != sizes[0]:
-                raise CheckpointError(f"{shard.path}: holds partitions of {sum(size)} elements, "
-                                      f"rank 0 of {sum(sizes[0])}; the shards do not belong to "
-                                      f"this metadata")
+                raise CheckpointError(
+                    f"{shard.path}: holds partitions of {sum(size)} elements, "
+                    f"rank 0 of {sum(sizes[0])}; the shards do not belong to "
+                    f"this metadata"
+                )
         self.group_starts = [0]
         for n in sizes[0]:
             self.group_starts.append(self.group_starts[-1] + n)
@@ -239,9 +253,11 @@ class ZeroCheckpoint:
             self.offsets[name] = (offset, part)
             offset += part
         if offset != self.group_starts[-1]:
-            raise CheckpointError(f"{self.tag_dir}: partitions hold {self.group_starts[-1]} "
-                                  f"elements per rank, the parameters need {offset}; the shards "
-                                  f"do not belong to this metadata")
+            raise CheckpointError(
+                f"{self.tag_dir}: partitions hold {self.group_starts[-1]} "
+                f"elements per rank, the parameters need {offset}; the shards "
+                f"do not belong to this metadata"
+            )
 
     @property
     def train_dtype(self) -> torch.dtype:
@@ -257,7 +273,7 @@ class ZeroCheckpoint:
         full = torch.empty(shape.numel(), dtype=self.flat_groups[0][0].storage.dtype)
         pos = 0
         for chunk in self.iter_chunks(name):
-            full[pos:pos + chunk.numel()] = chunk
+            full[pos : pos + chunk.numel()] = chunk
             pos += chunk.numel()
         return full.view(shape)
 

@@ -32,9 +32,21 @@ import torch  # noqa: E402
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 _libc = ctypes.CDLL("libc.so.6")
@@ -89,8 +101,9 @@ def main() -> None:
     if vocab:
         config.vocab_size = vocab
     config.use_cache = False
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                             attn_implementation=attention.register()).train()
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation=attention.register()
+    ).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -105,8 +118,17 @@ def main() -> None:
     base_rss = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     step_peak, _ = peak_during(lambda: summed_loss(model, big, "cpu").backward())
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    print(json.dumps({"batch": b, "seq": s, "gc": checkpointing, "step_peak_bytes": step_peak,
-                      "rss_growth_bytes": rss_growth}))
+    print(
+        json.dumps(
+            {
+                "batch": b,
+                "seq": s,
+                "gc": checkpointing,
+                "step_peak_bytes": step_peak,
+                "rss_growth_bytes": rss_growth,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

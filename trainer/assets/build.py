@@ -52,10 +52,10 @@ def to_problem(p: dict[str, Any]) -> Problem:
     tests = []
     for t in p["tests"]:
         args = ", ".join(repr(a) for a in ast.literal_eval(t["input"]))
-        tests.append(Test(f"assert solve({args}) == {t['output']}",
-                          f"solve[{t['q_input']}]~{t['q_output']}"))
-    return Problem(p["id"], p["description"], p["q"], p["python"], tuple(tests),
-                   p["difficulty"])
+        tests.append(
+            Test(f"assert solve({args}) == {t['output']}", f"solve[{t['q_input']}]~{t['q_output']}")
+        )
+    return Problem(p["id"], p["description"], p["q"], p["python"], tuple(tests), p["difficulty"])
 
 
 def render_split(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -89,13 +89,22 @@ def train_tokenizer(texts: list[str]) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  min_frequency=2, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
-                                   model_max_length=2048, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def tiny_config(tokenizer: Any) -> Any:
@@ -104,12 +113,21 @@ def tiny_config(tokenizer: Any) -> Any:
     # ~3.9M parameters (vocab 3514): the Qwen2.5 architecture (GQA, RoPE, SwiGLU, RMSNorm, tied
     # embeddings) at a size that trains a few hundred steps on 2 CPU cores in minutes.
     return Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_dropout=0.0,
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id, dtype="float32",
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
     )
 
 
@@ -120,8 +138,9 @@ def main() -> None:
     train_records, test_records = render_split(train), render_split(test)
     for name, records in (("train", train_records), ("test", test_records)):
         write_jsonl(ASSETS / f"q_sft_{name}.jsonl", records)
-        write_jsonl(ASSETS / f"q_sft_{name}_no_tests.jsonl",
-                    [r for r in records if not r["with_tests"]])
+        write_jsonl(
+            ASSETS / f"q_sft_{name}_no_tests.jsonl", [r for r in records if not r["with_tests"]]
+        )
     # The tokenizer sees training text only (no held-out problem leaks into its merges).
     # (prompts end with a newline: the text is the raw training format)
     texts = [r["prompt"] + r["completion"] for r in train_records]
@@ -130,11 +149,17 @@ def main() -> None:
     tokenizer.save_pretrained(TINY)
     config = tiny_config(tokenizer)
     config.save_pretrained(TINY)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=config.pad_token_id, max_new_tokens=256,
-                     do_sample=False).save_pretrained(TINY)
-    print(f"{len(train)} train / {len(test)} test problems -> {len(train_records)} / "
-          f"{len(test_records)} records; tokenizer vocab {len(tokenizer)}")
+    GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        max_new_tokens=256,
+        do_sample=False,
+    ).save_pretrained(TINY)
+    print(
+        f"{len(train)} train / {len(test)} test problems -> {len(train_records)} / "
+        f"{len(test_records)} records; tokenizer vocab {len(tokenizer)}"
+    )
 
 
 if __name__ == "__main__":

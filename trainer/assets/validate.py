@@ -22,18 +22,41 @@ from trainer.near_dup import near_duplicate_pairs
 from trainer.qlint import Diagnostic, lint
 
 DIFFICULTIES = ("easy", "medium", "hard")
-TOPICS = ("lists", "iterators", "dictionaries", "strings", "temporal", "tables", "qsql", "joins",
-          "functional", "math", "sorting", "control")
-REQUIRED = {"id": str, "title": str, "difficulty": str, "topics": list, "description": str,
-            "q": str, "python": str, "tests": list}
+TOPICS = (
+    "lists",
+    "iterators",
+    "dictionaries",
+    "strings",
+    "temporal",
+    "tables",
+    "qsql",
+    "joins",
+    "functional",
+    "math",
+    "sorting",
+    "control",
+)
+REQUIRED = {
+    "id": str,
+    "title": str,
+    "difficulty": str,
+    "topics": list,
+    "description": str,
+    "q": str,
+    "python": str,
+    "tests": list,
+}
 TEST_KEYS = ("input", "output", "q_input", "q_output")
 # q built-ins that qls 1.0.5 does not know, so it reports them as undefined names.
 QLS_UNKNOWN_BUILTINS = {".Q.n", ".Q.nA", ".Q.an"}
 
 
 def schema_errors(p: dict[str, Any]) -> list[str]:
-    errors = [f"{k}: missing or not {t.__name__}" for k, t in REQUIRED.items()
-              if not isinstance(p.get(k), t)]
+    errors = [
+        f"{k}: missing or not {t.__name__}"
+        for k, t in REQUIRED.items()
+        if not isinstance(p.get(k), t)
+    ]
     if errors:
         return errors
     if not re.fullmatch(r"p\d{3}", p["id"]):
@@ -52,8 +75,11 @@ def schema_errors(p: dict[str, Any]) -> list[str]:
     if len(p["tests"]) < 2:
         errors.append("needs 2+ tests")
     for i, t in enumerate(p["tests"]):
-        if not isinstance(t, dict) or sorted(t) != sorted(TEST_KEYS) or not all(
-                isinstance(t[k], str) and t[k].strip() for k in TEST_KEYS):
+        if (
+            not isinstance(t, dict)
+            or sorted(t) != sorted(TEST_KEYS)
+            or not all(isinstance(t[k], str) and t[k].strip() for k in TEST_KEYS)
+        ):
             errors.append(f"test {i}: needs non-empty strings {TEST_KEYS}")
     return errors
 
@@ -61,9 +87,12 @@ def schema_errors(p: dict[str, Any]) -> list[str]:
 def _same(got: Any, want: Any) -> bool:
     """Equality that tolerates float rounding (1e-9 relative) but not type confusion."""
     if isinstance(want, float) or isinstance(got, float):
-        return (isinstance(got, (int, float)) and isinstance(want, (int, float))
-                and not isinstance(got, bool) and math.isclose(got, want, rel_tol=1e-9,
-                                                               abs_tol=1e-12))
+        return (
+            isinstance(got, (int, float))
+            and isinstance(want, (int, float))
+            and not isinstance(got, bool)
+            and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
+        )
     if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
         return len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want, strict=False))
     if isinstance(want, dict) and isinstance(got, dict):
@@ -103,15 +132,22 @@ def python_failures(p: dict[str, Any]) -> list[str]:
 def lint_errors(problems: list[dict[str, Any]]) -> dict[str, list[str]]:
     """q lint findings per problem id, minus qls's known false positives (see _forgiven)."""
     snippets = {p["id"]: p["q"] for p in problems}
-    snippets.update({f"{p['id']}/test{i}/{k}": t[k] for p in problems
-                     for i, t in enumerate(p["tests"]) for k in ("q_input", "q_output")})
+    snippets.update(
+        {
+            f"{p['id']}/test{i}/{k}": t[k]
+            for p in problems
+            for i, t in enumerate(p["tests"])
+            for k in ("q_input", "q_output")
+        }
+    )
     found = lint(snippets)
     out: dict[str, list[str]] = {}
     for name, diags in found.items():
         kept = _kept(snippets[name], diags)
         if kept:
             out.setdefault(name.split("/")[0], []).extend(
-                f"{name.partition('/')[2] or 'q'} {d}" for d in kept)
+                f"{name.partition('/')[2] or 'q'} {d}" for d in kept
+            )
     return out
 
 
@@ -131,15 +167,21 @@ def _kept(code: str, diags: list[Diagnostic]) -> list[Diagnostic]:
         m = re.fullmatch(r"cannot find name '(.+)'", d.message)
         if m:
             name = m.group(1)
-            tail = lines[d.line][d.column:] if d.line < len(lines) else ""
+            tail = lines[d.line][d.column :] if d.line < len(lines) else ""
             if name in QLS_UNKNOWN_BUILTINS or re.search(
-                    rf"(?<![\w.`]){re.escape(name)}:(?!:)", tail):
+                rf"(?<![\w.`]){re.escape(name)}:(?!:)", tail
+            ):
                 forgiven.add(name)
                 continue
         kept.append(d)
-    return [d for d in kept if not (
-        (m := re.fullmatch(r"'(.+)' is defined but never used\.?", d.message))
-        and m.group(1) in forgiven)]
+    return [
+        d
+        for d in kept
+        if not (
+            (m := re.fullmatch(r"'(.+)' is defined but never used\.?", d.message))
+            and m.group(1) in forgiven
+        )
+    ]
 
 
 def check(problems: list[dict[str, Any]]) -> dict[str, list[str]]:
