@@ -24,6 +24,8 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "numpy>=1.26",
+        # logs/curves.png and qsft-data inspect's histogram (Agg backend: no display needed)
+        "matplotlib>=3.8",
     ],
     extras_require={
         "dev": [
@@ -37,10 +39,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "qsft-config=trainer.config:main",
-            "qsft-consolidate=trainer.consolidate:main",
-            "qsft-plan=trainer.plan:main",
-            "qsft-data=trainer.data_cli:main",
+            "qsft-config=trainer.ds_config:main",
+            "qsft-consolidate=trainer.offline.consolidate:main",
+            "qsft-plan=trainer.offline.plan_cli:main",
+            "qsft-data=trainer.datatools.cli:main",
         ]
     },
 )

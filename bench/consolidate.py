@@ -124,7 +124,7 @@ def main() -> None:
         "qsft consolidate --dtype bf16": [
             py,
             "-m",
-            "trainer.consolidate",
+            "trainer.offline.consolidate",
             str(tag),
             "--out",
             str(work / "ours_bf16"),
@@ -134,7 +134,7 @@ def main() -> None:
         "qsft consolidate --dtype fp32": [
             py,
             "-m",
-            "trainer.consolidate",
+            "trainer.offline.consolidate",
             str(tag),
             "--out",
             str(work / "ours_fp32"),

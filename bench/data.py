@@ -85,7 +85,8 @@ def tokenizer():
 def child_old(args: argparse.Namespace) -> dict:
     import gc
 
-    from trainer.data import encode, load_records
+    from trainer.data import encode
+    from trainer.records import load_records
 
     tok = tokenizer()
     encode({"prompt": "a", "completion": "b"}, tok, "raw")
@@ -149,7 +150,7 @@ def child_start(args: argparse.Namespace) -> dict:
     import pyarrow  # noqa: F401
     import torch.distributed  # noqa: F401
 
-    from trainer import datacache
+    from trainer import rundata
     from trainer.batching import Sampler
     from trainer.tokenized import mix
 
@@ -157,7 +158,7 @@ def child_start(args: argparse.Namespace) -> dict:
     gc.collect()
     before = rss()
     t0 = time.perf_counter()
-    train, _, _ = datacache.prepare(
+    train, _, _ = rundata.prepare(
         [Path(args.file)],
         [],
         tok,

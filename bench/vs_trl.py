@@ -81,7 +81,7 @@ def make_model(name: str, work: Path) -> Path:
 
 
 def _conversational(path: Path) -> list[dict]:
-    from trainer.data import load_records
+    from trainer.records import load_records
 
     return [
         {
@@ -147,10 +147,10 @@ def worker_bare(model_dir: Path, out: Path, epochs: int, opt: bool = False) -> d
 
     from trainer import attention
     from trainer.batching import Sampler
-    from trainer.data import load_records
-    from trainer.loop import lr_lambda
     from trainer.loss import install, summed_loss
     from trainer.model import load_tokenizer
+    from trainer.records import load_records
+    from trainer.startup import lr_lambda
     from trainer.tokenized import tokenize_records
 
     torch.set_num_threads(2)
@@ -195,8 +195,8 @@ def worker_bare(model_dir: Path, out: Path, epochs: int, opt: bool = False) -> d
 def run_qsft(model_dir: Path, out: Path, ranks: int, epochs: int, tmp: Path) -> dict:
     from tests.conftest import launch
     from trainer.batching import Sampler
-    from trainer.data import load_records
     from trainer.model import load_tokenizer
+    from trainer.records import load_records
     from trainer.tokenized import tokenize_records
 
     tok = load_tokenizer(model_dir)
@@ -258,8 +258,8 @@ def eval_loss(final: str) -> float:
     from transformers import AutoModelForCausalLM
 
     from trainer.batching import collate
-    from trainer.data import load_records
     from trainer.model import load_tokenizer
+    from trainer.records import load_records
     from trainer.tokenized import tokenize_records
 
     tok = load_tokenizer(ASSETS / "tiny_model")
@@ -281,8 +281,8 @@ def padded_fraction(epochs: int) -> float:
     (what trl-padded computes on); our tokenisation, a seeded shuffle per epoch."""
     import random
 
-    from trainer.data import load_records
     from trainer.model import load_tokenizer
+    from trainer.records import load_records
     from trainer.tokenized import tokenize_records
 
     tok = load_tokenizer(ASSETS / "tiny_model")

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from trainer import dist  # noqa: E402
 from trainer.config import ConfigError, parse_run_config  # noqa: E402
-from trainer.data import DataError  # noqa: E402
 from trainer.faults import RunError  # noqa: E402
+from trainer.records import DataError  # noqa: E402
 
 # DeepSpeed 0.19.8 still calls torch.distributed's *_into_tensor / *_tensor collectives, which
 # torch 2.13 deprecates with a FutureWarning per call site and rank; the calls work.
@@ -64,7 +64,7 @@ def _parse(argv: list[str]):
     """The run config; a flag that fails on some ranks only (a path one node lacks) fails all.
 
     Every rank parses on its own. Where the launcher started several, a rank whose parse failed
-    joins the process group and the preflight's error gathering (trainer.loop.setup runs the
+    joins the process group and the preflight's error gathering (trainer.startup.setup runs the
     same collective on the ranks that parsed), so the whole job stops with one line naming the
     rank, instead of the others waiting at the rendezvous.
     """

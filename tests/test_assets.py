@@ -10,8 +10,8 @@ import pytest
 from trainer.assets import build
 from trainer.assets.validate import check
 from trainer.config import ASSETS_DIR
-from trainer.data import load_records
-from trainer.near_dup import near_duplicate_pairs
+from trainer.datatools.near_dup import near_duplicate_pairs
+from trainer.records import load_records
 
 
 @pytest.fixture(scope="module")

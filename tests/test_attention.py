@@ -20,9 +20,9 @@ from tests.conftest import REPO, run_env
 from trainer import attention
 from trainer.batching import collate, collate_packed, pack_bfd
 from trainer.config import ASSETS_DIR
-from trainer.data import load_records
 from trainer.loss import install, summed_loss
 from trainer.model import load_tokenizer
+from trainer.records import load_records
 from trainer.tokenized import tokenize_records
 
 

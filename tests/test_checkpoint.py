@@ -6,13 +6,10 @@ import json
 
 import pytest
 
-from trainer.checkpoint import (
-    COMPLETE,
-    TrainerState,
-    complete_checkpoints,
-    find_resume_point,
-    prune,
-)
+from trainer.checkpoint.layout import COMPLETE, complete_checkpoints
+from trainer.checkpoint.resume import find_resume_point
+from trainer.checkpoint.retention import prune
+from trainer.checkpoint.writer import TrainerState
 from trainer.config import ConfigError, parse_run_config
 
 
@@ -184,7 +181,7 @@ def test_auto_falls_back_past_a_damaged_checkpoint_and_an_explicit_one_is_refuse
 
 
 def test_resume_guard_names_each_changed_input(tmp_path):
-    from trainer.checkpoint import check_inputs
+    from trainer.checkpoint.resume import check_inputs
     from trainer.faults import fingerprint
 
     _fake_run(tmp_path, [10])
@@ -217,7 +214,8 @@ def test_trainer_state_round_trips_through_weights_only_load(tmp_path):
     import numpy as np
     import torch
 
-    from trainer.checkpoint import _rng_state, _set_rng_state, load_state_file
+    from trainer.checkpoint.resume import _set_rng_state, load_state_file
+    from trainer.checkpoint.writer import _rng_state
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     state = _rng_state()
@@ -245,7 +243,7 @@ def _info(fmt, ends=(2,)):
 
 
 def test_resume_refuses_another_prompt_format_or_end_token(tmp_path):
-    from trainer.checkpoint import check_format
+    from trainer.checkpoint.resume import check_format
 
     _fake_run(tmp_path, [10])
     marker = tmp_path / "checkpoints" / "checkpoint-10" / COMPLETE

@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import (
-    DS_CONFIG_DIR,
-    SIZE_DEFAULTS,
-    ConfigError,
-    load_ds_config,
-    parse_run_config,
-    resolve_ds_config,
-    validate_ds_dict,
-)
+from trainer.config import DS_CONFIG_DIR, SIZE_DEFAULTS, ConfigError, parse_run_config
+from trainer.ds_config import load_ds_config, resolve_ds_config, validate_ds_dict
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(DS_CONFIG_DIR.glob("*.json"))
@@ -266,7 +259,7 @@ def test_several_files_weights_and_epochs_parse(tmp_path):
     )
     assert cfg.train_paths == [Path("a.jsonl"), Path("b.parquet")]
     assert cfg.eval_paths == [Path("x.jsonl"), Path("y.jsonl")]
-    # max_steps is worked out from the data at start (trainer.loop.setup)
+    # max_steps is worked out from the data at start (trainer.startup.setup)
     assert (cfg.train_weights, cfg.num_epochs, cfg.max_steps) == ([0.7, 0.3], 2.5, None)
     assert (cfg.eval_steps, cfg.eval_at_start) == (0, False)
     assert cfg.cache_dir == tmp_path / "data_cache"
@@ -295,7 +288,7 @@ def test_check_cli(tmp_path):
     bad = tmp_path / "typo.json"
     bad.write_text(json.dumps(dict(BASE, gradient_clippping=1.0)))
     ok = subprocess.run(
-        [sys.executable, "-m", "trainer.config", "check", *map(str, SHIPPED)],
+        [sys.executable, "-m", "trainer.ds_config", "check", *map(str, SHIPPED)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -303,7 +296,7 @@ def test_check_cli(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("ok ") == len(SHIPPED)
     fail = subprocess.run(
-        [sys.executable, "-m", "trainer.config", "check", str(bad)],
+        [sys.executable, "-m", "trainer.ds_config", "check", str(bad)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_env
-from trainer.consolidate import ConsolidateError, consolidate, parse_size
+from trainer.config import parse_size
+from trainer.offline.consolidate import ConsolidateError, consolidate
 
 pytestmark = pytest.mark.multirank  # the fixtures train through the real launcher
 
@@ -65,7 +66,11 @@ def test_sharded_bf16_output_loads_and_matches(trained, tmp_path):
     out, _ = trained
     tag = out / "checkpoints" / "checkpoint-16"
     manifest = consolidate(
-        tag, tmp_path / "c", dtype=torch.bfloat16, max_shard_size=parse_size("2MB"), verify=True
+        tag,
+        tmp_path / "c",
+        dtype=torch.bfloat16,
+        max_shard_size=parse_size("2MB", "--max_shard_size"),
+        verify=True,
     )
     assert len(manifest["weight_files"]) > 3
     index = json.loads((tmp_path / "c" / "model.safetensors.index.json").read_text())
@@ -80,7 +85,7 @@ def test_sharded_bf16_output_loads_and_matches(trained, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     assert model.dtype == torch.bfloat16
     assert json.loads((tmp_path / "c" / "config.json").read_text())["dtype"] == "bfloat16"
-    from trainer.consolidate import sha256_file
+    from trainer.offline.consolidate import sha256_file
 
     for name, meta in manifest["files"].items():
         assert sha256_file(tmp_path / "c" / name) == meta["sha256"]
@@ -148,7 +153,7 @@ def test_bad_checkpoint_exits_2_naming_the_file(kind, trained, trained_untied, t
         [
             sys.executable,
             "-m",
-            "trainer.consolidate",
+            "trainer.offline.consolidate",
             str(tag),
             "--out",
             str(tmp_path / "out"),
@@ -173,7 +178,7 @@ def test_existing_output_is_refused(trained, tmp_path):
         [
             sys.executable,
             "-m",
-            "trainer.consolidate",
+            "trainer.offline.consolidate",
             str(trained[0] / "checkpoints"),
             "--out",
             str(tmp_path / "out"),
@@ -194,7 +199,7 @@ def test_cli_uses_latest_and_training_dtype(trained, tmp_path):
         [
             sys.executable,
             "-m",
-            "trainer.consolidate",
+            "trainer.offline.consolidate",
             str(trained[0] / "checkpoints"),
             "--out",
             str(tmp_path / "c"),

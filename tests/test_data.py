@@ -10,16 +10,9 @@ import pytest
 from tests.conftest import qwen_layout_model
 from trainer.batching import Sampler, collate, eval_batches
 from trainer.config import ASSETS_DIR
-from trainer.data import (
-    IGNORE_INDEX,
-    DataError,
-    encode,
-    load_records,
-    render,
-    resolve_prompt_format,
-    to_messages,
-)
+from trainer.data import IGNORE_INDEX, encode, render, resolve_prompt_format
 from trainer.model import load_tokenizer
+from trainer.records import DataError, load_records, to_messages
 from trainer.tokenized import tokenize_records
 
 

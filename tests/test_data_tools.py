@@ -14,11 +14,12 @@ import pytest
 from trainer.assets import build
 from trainer.assets.validate import check
 from trainer.config import ASSETS_DIR
-from trainer.data import load_records
-from trainer.data_cli import main as data_main
-from trainer.data_convert import convert, render_records
-from trainer.near_dup import near_duplicate_pairs, shingles
-from trainer.qlint import lint
+from trainer.datatools.cli import main as data_main
+from trainer.datatools.convert import convert
+from trainer.datatools.near_dup import near_duplicate_pairs, shingles
+from trainer.datatools.problems import render_records
+from trainer.datatools.qlint import lint
+from trainer.records import load_records
 
 REPO = ASSETS_DIR.parent.parent
 SPLITS = ("train", "test", "train_no_tests", "test_no_tests")
@@ -497,7 +498,7 @@ def test_inspect_reads_train_and_test_from_directory_names(tmp_path, capsys):
     assert "train/test overlap part.jsonl x part.jsonl: 12 identical" in capsys.readouterr().out
 
 
-def test_inspect_counts_over_length_and_infers_task_kinds(tmp_path, capsys):
+def test_inspect_counts_over_length_and_infers_task_kinds(tmp_path, capsys, monkeypatch):
     recs = render_records(
         [build.to_problem(p) for p in build.load_problems()[:4]], with_tests=False
     )
@@ -506,7 +507,9 @@ def test_inspect_counts_over_length_and_infers_task_kinds(tmp_path, capsys):
             r.pop(k)  # like the original parquet: prompt and completion only
     f = tmp_path / "bare.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert data_main(["inspect", str(f), "--max_seq_length", "60", "--histogram", "none"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert data_main(["inspect", str(f), "--max_seq_length", "60"]) == 0
+    assert not list(tmp_path.glob("*.png"))  # a picture only where --histogram says
     out = capsys.readouterr().out.splitlines()
     row = dict(zip(out[0].split(), out[1].split(), strict=False))
     assert (row["desc2q"], row["py2q"], row["q2py"]) == ("4", "4", "4")

@@ -1,6 +1,6 @@
 """The tokenize-once cache (trainer.datacache), the mix of several files, and the fast packer.
 
-Single-process: datacache.prepare's collectives are identities without a process group; the
+Single-process: rundata.prepare's collectives are identities without a process group; the
 launched runs (test_multirank, test_resume) exercise the builder/waiter split over 2 ranks.
 """
 
@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import qwen_layout_model
-from trainer import datacache
+from trainer import datacache, rundata
 from trainer.batching import Sampler, pack_bfd, quotas
 from trainer.config import ASSETS_DIR
-from trainer.data import IGNORE_INDEX, DataError, encode, load_records
+from trainer.data import IGNORE_INDEX, encode
 from trainer.model import load_tokenizer
+from trainer.records import DataError, load_records
 from trainer.tokenized import mix, tokenize_records
 
 TRAIN = ASSETS_DIR / "q_sft_train.jsonl"
@@ -44,7 +45,7 @@ def _prepare(
     model=TINY,
     said=None,
 ):
-    return datacache.prepare(
+    return rundata.prepare(
         [Path(f) for f in files],
         [Path(f) for f in evals],
         tok,

@@ -198,7 +198,7 @@ def test_a_consolidation_lost_with_a_killed_job_is_redone_on_resume(trained, tmp
 
 
 def test_offline_consolidator_refuses_a_tag_without_complete(trained, tmp_path):
-    from trainer.consolidate import main
+    from trainer.offline.consolidate import main
 
     src, _ = trained
     tag = tmp_path / "checkpoint-8"

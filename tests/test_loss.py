@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from trainer import attention
 from trainer.batching import Sampler, collate
 from trainer.config import ASSETS_DIR
-from trainer.data import load_records
 from trainer.loss import LinearWithLoss, install, summed_loss
 from trainer.model import load_tokenizer
+from trainer.records import load_records
 from trainer.tokenized import tokenize_records
 
 

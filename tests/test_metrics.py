@@ -1,14 +1,17 @@
-"""Logging sinks, the LR schedule and wandb's offline fallback."""
+"""Logging sinks, the curves, the LR schedule and wandb's offline fallback."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import struct
 
 import torch
 
-from trainer.loop import format_summary, lr_lambda
-from trainer.metrics import MetricsSink
+from trainer import plots
+from trainer.metrics import MetricsSink, format_summary
+from trainer.startup import lr_lambda
 
 
 def test_warmup_then_cosine_to_zero():
@@ -22,14 +25,24 @@ def test_sink_writes_logs_and_eval_results(tmp_path, monkeypatch):
     monkeypatch.setenv("QSFT_NO_PROGRESS", "1")
     sink = MetricsSink(tmp_path, total_steps=10, start_step=0)
     sink.log_step(
-        dict(step=5, loss=1.5, lr=1e-3, grad_norm=0.5, tokens_per_s=100.0, consumed_samples=40)
+        dict(step=5, loss=1.5, lr=1e-3, grad_norm=0.5, tokens_per_s=100.0, consumed_units=40)
     )
     hist = [
         dict(step=0, eval_loss=3.0, perplexity=math.exp(3.0)),
         dict(step=5, eval_loss=2.0, perplexity=math.exp(2.0)),
     ]
     sink.log_eval(hist)
+    assert _png_size(tmp_path / "logs" / plots.CURVES) == (800, 800)  # redrawn at each eval
+    summary = dict(steps=5, wall_s=1.0, tokens_per_s=100.0, consolidated=None, eval=hist)
+    sink.write_summary(summary)
     sink.close()
+    assert summary["curves"] == str(tmp_path / "logs" / plots.CURVES)
+    assert json.loads((tmp_path / "logs" / "summary.json").read_text())["curves"] == str(
+        tmp_path / "logs" / plots.CURVES
+    )
+    assert f"curves (loss, eval loss, learning rate, tokens/s): {summary['curves']}" in (
+        format_summary(summary)
+    )
     assert json.loads((tmp_path / "logs" / "metrics.jsonl").read_text())["loss"] == 1.5
     ev = json.loads((tmp_path / "logs" / "eval_results.json").read_text())
     assert ev["best_step"] == 5 and ev["best_eval_loss"] == 2.0 and len(ev["history"]) == 2
@@ -49,7 +62,7 @@ def test_wandb_without_api_key_goes_offline_and_says_so_once(tmp_path, monkeypat
     sink = MetricsSink(tmp_path, total_steps=1, start_step=0, wandb_cfg=cfg)
     assert sink.wandb is not None and sink.wandb.settings.mode == "offline"
     sink.log_step(
-        dict(step=1, loss=1.0, lr=1e-3, grad_norm=0.1, tokens_per_s=1.0, consumed_samples=1)
+        dict(step=1, loss=1.0, lr=1e-3, grad_norm=0.1, tokens_per_s=1.0, consumed_units=1)
     )
     sink.close()
     log = (tmp_path / "logs" / "training_log.txt").read_text()
@@ -100,3 +113,43 @@ def test_peak_flops_datasheet_on_known_gpus_measured_elsewhere(monkeypatch):
     assert device_peak_flops(torch.bfloat16) == (989e12, "H200 datasheet bf16")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
     assert device_peak_flops(torch.bfloat16) == (312e12, "A100 datasheet bf16")
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_curves_take_the_resumed_record_of_a_step_logged_twice(tmp_path):
+    """A crash after step 3's log and a resume from step 2 log step 3 again: the curve follows
+    the run that continued (the later record), and a line cut by the kill is skipped."""
+    lines = [
+        dict(step=2, loss=2.0, lr=1e-3, tokens_per_s=10.0),
+        dict(step=3, loss=9.0, lr=1e-3, tokens_per_s=10.0),
+        dict(event="resume", step=2),
+        dict(step=3, loss=1.5, lr=1e-3, tokens_per_s=10.0),
+    ]
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')
+    assert [(r["step"], r["loss"]) for r in plots.read_steps(f)] == [(2, 2.0), (3, 1.5)]
+    assert plots.draw_curves(tmp_path, []) == tmp_path / plots.CURVES
+    assert not (tmp_path / "empty").exists() and plots.draw_curves(tmp_path / "empty", []) is None
+
+
+def test_messages_are_written_above_the_progress_bar(tmp_path, monkeypatch, capsys):
+    """Each message clears the bar's line, is written whole on its own line of the bar's stream,
+    and the bar is drawn again below it (never a message glued to the bar's text)."""
+    monkeypatch.delenv("QSFT_NO_PROGRESS", raising=False)
+    sink = MetricsSink(tmp_path, total_steps=10, start_step=0)
+    sink.bar.mininterval = 0  # draw at every update
+    sink.progress(1, {"loss": "1.000"})
+    sink.message("saved checkpoint-1")
+    sink.progress(2, {"loss": "0.900"})
+    sink.close()
+    out = capsys.readouterr().out
+    before, after = out.split("saved checkpoint-1", 1)
+    assert before.rstrip(" ").endswith("\r")  # the bar's line was blanked first
+    assert after.startswith("\n")  # the message ends its own line...
+    assert re.search(r"2/10", after)  # ...and the bar continues below it
+    assert "saved checkpoint-1" in (tmp_path / "logs" / "training_log.txt").read_text()

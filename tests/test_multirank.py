@@ -12,8 +12,9 @@ import torch
 from tests.conftest import REPO, launch, run_env
 from trainer.batching import Sampler
 from trainer.config import ASSETS_DIR
-from trainer.data import encode, load_records
+from trainer.data import encode
 from trainer.model import load_tokenizer
+from trainer.records import load_records
 from trainer.tokenized import tokenize_records
 
 pytestmark = pytest.mark.multirank
@@ -149,7 +150,7 @@ def test_end_to_end_output_layout(trained):
     assert not list(ckpts.glob("checkpoint-16/.consolidated.tmp-*"))
     manifest = json.loads((cons / "manifest.json").read_text())
     assert manifest["source_step"] == 16 and manifest["dtype"] == "float32"
-    from trainer.consolidate import sha256_file
+    from trainer.offline.consolidate import sha256_file
 
     for name, meta in manifest["files"].items():
         assert sha256_file(cons / name) == meta["sha256"], name
@@ -157,8 +158,8 @@ def test_end_to_end_output_layout(trained):
     metrics = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [4, 8, 12, 16]
     # Packed by default: micro 1 sequence of 512 tokens x 2 ranks per step, ~4 examples each.
-    assert all(m["tokens_per_s"] > 0 and m["consumed_samples"] == m["step"] * 2 for m in metrics)
-    assert all(m["examples_seen"] > m["consumed_samples"] * 2 for m in metrics)
+    assert all(m["tokens_per_s"] > 0 and m["consumed_units"] == m["step"] * 2 for m in metrics)
+    assert all(m["examples_seen"] > m["consumed_units"] * 2 for m in metrics)
     assert all(0 <= m["padding"] < 0.2 and 0 < m["mfu"] < 1 for m in metrics)
     evals = json.loads((out / "logs" / "eval_results.json").read_text())
     steps = [e["step"] for e in evals["history"]]

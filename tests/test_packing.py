@@ -8,8 +8,9 @@ import torch
 from trainer import attention
 from trainer.batching import Sampler, collate, collate_packed, pack_bfd
 from trainer.config import ASSETS_DIR
-from trainer.data import IGNORE_INDEX, load_records
+from trainer.data import IGNORE_INDEX
 from trainer.model import load_tokenizer
+from trainer.records import load_records
 from trainer.tokenized import tokenize_records
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import plan
+from trainer.offline import plan
 from trainer.config import ASSETS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -284,7 +284,7 @@ def test_cli_bad_hostfile_names_the_line(tmp_path):
 
 
 def test_run_disk_follows_the_retention_policy():
-    from trainer.plan import Estimate, Retention
+    from trainer.offline.plan import Estimate, Retention
 
     est = Estimate(
         rows={},

@@ -230,7 +230,7 @@ def _copy_checkpoint(src_run: Path, step: int, dst_run: Path) -> None:
 
 # Changing the number of ranks changes the order of floating-point reductions only: 1 and 2
 # ranks on the same global batch give losses within ~1e-7 relative over 12 steps here. Without
-# the workaround in checkpoint._unshare_adam_steps the elastic resume was off by 1e-4.
+# the workaround in checkpoint.resume._unshare_adam_steps the elastic resume was off by 1e-4.
 ELASTIC_RTOL = 1e-6
 
 

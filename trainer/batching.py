@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.data import IGNORE_INDEX, DataError
+from trainer.data import IGNORE_INDEX
+from trainer.records import DataError
 from trainer.tokenized import TokenizedSet
 
 

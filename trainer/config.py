@@ -4,21 +4,17 @@ Everything here is validated before a model, tokenizer or process group is touch
 seconds rather than a twenty-minute weight load. Errors surface as :class:`ConfigError`, a one-line
 message that names the flag or JSON key and the fix; entry points turn it into exit status 2.
 
-    python -m trainer.config check ds_configs/*.json [--world_size 8]
+The DeepSpeed JSON's schema and checks are in trainer.ds_config.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import json
-import sys
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from trainer.ds_schema import DS_SECTION_MODELS, UNSUPPORTED_KEYS, DSConfig, ds_section_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
@@ -318,7 +314,7 @@ class RunConfig(BaseModel):
 # Command line
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage + error on two lines; we want exactly one line and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -331,7 +327,7 @@ def _help(field: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The training command line; only flags the user gives reach the pydantic model."""
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="train.py",
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
@@ -370,10 +366,10 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     try:
         return RunConfig.model_validate(ns)
     except ValidationError as e:
-        raise ConfigError(_one_line(e, prefix="--")) from None
+        raise ConfigError(one_line_error(e, prefix="--")) from None
 
 
-def _one_line(err: ValidationError, prefix: str = "", source: str = "") -> str:
+def one_line_error(err: ValidationError, prefix: str = "", source: str = "") -> str:
     """First pydantic error as 'SOURCE: KEY: message (got VALUE)' on one line."""
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"])
@@ -391,163 +387,17 @@ def _one_line(err: ValidationError, prefix: str = "", source: str = "") -> str:
 # DeepSpeed JSON
 
 
-def load_ds_config(path: Path) -> dict[str, Any]:
-    """Read a DeepSpeed JSON file and validate it completely (unknown keys at any level fail)."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a JSON object")
-    validate_ds_dict(raw, source=str(path))
-    return raw
-
-
-def validate_ds_dict(raw: dict[str, Any], source: str = "ds_config") -> DSConfig:
-    """Schema + cross-field checks on a DeepSpeed config dict; raises ConfigError."""
-    _reject_auto(raw, source, "")
-    unsupported = sorted(set(raw) & UNSUPPORTED_KEYS)
-    if unsupported:
-        raise ConfigError(
-            f"{source}: '{unsupported[0]}' is a DeepSpeed feature qsft does not drive; remove it"
-        )
-    unknown = sorted(set(raw) - set(DSConfig.model_fields))
-    if unknown:
-        key = unknown[0]
-        near = difflib.get_close_matches(key, DSConfig.model_fields, n=1)
-        hint = f"; did you mean '{near[0]}'?" if near else "; remove it (DeepSpeed would ignore it)"
-        raise ConfigError(f"{source}: unknown top-level key '{key}'{hint}")
-    try:
-        cfg = DSConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_one_line(e, source=source)) from None
-    for section in DS_SECTION_MODELS:
-        if raw.get(section) is not None:
-            _validate_section(section, raw[section], source)
-    try:
-        cfg.cross_check()
-    except ValueError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return cfg
-
-
-def _validate_section(section: str, value: Any, source: str) -> None:
-    model = ds_section_model(section)
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: {section}: must be a JSON object (got {value!r})")
-    try:
-        model(**value)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in (section, *err["loc"]))
-        if err["type"] == "extra_forbidden":
-            known = [f.alias or n for n, f in model.model_fields.items()]
-            near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near and len(err["loc"]) == 1 else ""
-            raise ConfigError(f"{source}: unknown key '{loc}'{hint}") from None
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}: {loc}: {msg} (got {err.get('input')!r})") from None
-    except (ValueError, TypeError, AssertionError) as e:  # DeepSpeed's own validators
-        raise ConfigError(f"{source}: {section}: {str(e).splitlines()[0]}") from None
-
-
-def _reject_auto(node: Any, source: str, path: str) -> None:
-    # "auto" is resolved only by the HF Trainer integration; handed to DeepSpeed directly it is a
-    # string where a number belongs. Our configs pin numbers, derived in ds_configs/README.md.
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _reject_auto(v, source, f"{path}.{k}" if path else k)
-    elif node == "auto":
-        raise ConfigError(
-            f'{source}: {path}: "auto" is not supported; pin a number (see ds_configs/README.md)'
-        )
-
-
-def resolve_ds_config(run: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed dict the engine gets: the file, validated, with the run's batch and precision.
-
-    Batch keys present in the file must agree with the flags and the launcher's real world size.
-    """
-    source = str(run.ds_config_path)
-    ds = load_ds_config(run.ds_config_path)
-    micro, accum = run.batch_size, run.gradient_accumulation_steps
-    if ds.get("train_micro_batch_size_per_gpu", micro) != micro:
-        raise ConfigError(
-            f"{source}: train_micro_batch_size_per_gpu "
-            f"{ds['train_micro_batch_size_per_gpu']} != --batch_size {micro}; "
-            f"drop the key or make them equal"
-        )
-    if ds.get("gradient_accumulation_steps", accum) != accum:
-        raise ConfigError(
-            f"{source}: gradient_accumulation_steps "
-            f"{ds['gradient_accumulation_steps']} != --gradient_accumulation_steps "
-            f"{accum}; drop the key or make them equal"
-        )
-    check_batch(ds.get("train_batch_size"), micro, accum, world_size, source)
-    ds.update(
-        train_micro_batch_size_per_gpu=micro,
-        gradient_accumulation_steps=accum,
-        train_batch_size=micro * accum * world_size,
-    )
-    if run.bf16 is not None:
-        ds["bf16"] = {**ds.get("bf16", {}), "enabled": run.bf16}
-        if run.bf16:
-            ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
-    if "optimizer" in ds:  # a DeepSpeed optimizer (needed for offload): the flags own lr and wd
-        params = ds["optimizer"].setdefault("params", {})
-        params.update(lr=run.learning_rate, weight_decay=run.weight_decay)
-    validate_ds_dict(ds, source=source)
-    return ds
-
-
-def check_batch(train_batch: int | None, micro: int, accum: int, world: int, source: str) -> None:
-    """train_batch_size must equal micro x grad_accum x world, or DeepSpeed asserts much later."""
-    if train_batch is None or train_batch == micro * accum * world:
-        return
-    fix = (
-        f"set gradient_accumulation_steps to {train_batch // (micro * world)}"
-        if train_batch % (micro * world) == 0
-        else "change the batch flags"
-    )
-    raise ConfigError(
-        f"{source}: train_batch_size {train_batch} != micro {micro} x grad_accum "
-        f"{accum} x world {world} = {micro * accum * world}; {fix} or drop "
-        f"train_batch_size"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m trainer.config check FILE...
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.config")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    check = sub.add_parser("check", help="validate DeepSpeed JSON configs")
-    check.add_argument("files", nargs="+", type=Path)
-    check.add_argument(
-        "--world_size",
-        type=int,
-        default=None,
-        help="also check train_batch_size against this many ranks",
-    )
-    args = p.parse_args(argv)
-    failed = 0
-    for f in args.files:
-        try:
-            ds = load_ds_config(f)
-            micro = ds.get("train_micro_batch_size_per_gpu")
-            accum = ds.get("gradient_accumulation_steps", 1)
-            if args.world_size and micro:
-                check_batch(ds.get("train_batch_size"), micro, accum, args.world_size, str(f))
-            print(f"ok {f}")
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-    return 2 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def parse_size(text: str, flag: str, bare_unit: int = 1) -> int:
+    """A size flag in bytes: '5GB' and '500MB' are decimal, '4GiB' binary; K, M, G, T prefixes;
+    a bare number counts in bare_unit (bytes unless said, 1e9 for --gpu_mem's GB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I?)B?|(B?))\s*", text.upper())
+    if not m:
+        raise ConfigError(f"{flag} {text!r}: expected a size such as 80GB, 141GiB or 500MB")
+    value = float(m.group(1))
+    if m.group(2):
+        value *= (1024 if m.group(3) else 1000) ** " KMGT".index(m.group(2))
+    elif not m.group(4):
+        value *= bare_unit
+    if value <= 0:
+        raise ConfigError(f"{flag} {text!r}: must be positive")
+    return int(value)

@@ -9,11 +9,8 @@ place when complete; its manifest lists every file with its size and sha256, and
 files do not match is removed and rebuilt, never read. Later launches on the same inputs only
 check and memory-map it (trainer.tokenized).
 
-Who builds: one rank per node (local rank 0) while the node's other ranks wait in a barrier of
-their own, with --data_timeout_s (tokenizing a large set takes longer than the collective
-timeout); when every node sees the same cache directory (a shared filesystem, checked with a
-probe file), global rank 0 alone. The builder's outcome (the entries, or the one-line error)
-then reaches every rank, so bad data stops the whole job with one message, exit 2.
+Who builds, and how the others wait for it, is trainer.rundata.prepare: one rank per node, or
+global rank 0 alone when the cache directory is shared by every node.
 """
 
 from __future__ import annotations
@@ -25,16 +22,12 @@ import os
 import shutil
 import socket
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from trainer import dist, faults
-from trainer.data import (
+from trainer import faults
+from trainer.records import (
     DataError,
     RecordError,
     is_messages,
@@ -45,11 +38,8 @@ from trainer.data import (
     validate_record,
 )
 from trainer.tokenized import (
-    FileValues,
-    OpenFile,
     TokenizedSet,
-    count_end_tokens,
-    from_chunks,
+    from_arrow_files,
     tokenize_columns,
 )
 
@@ -242,7 +232,7 @@ def build_entry(
         files = [Path(f["filename"]).name for f in out.cache_files]
         del out, records
         (tmp / "records.arrow").unlink()
-        data = load_entry_files(tmp, files, prompt_format, str(path), max_seq_length)
+        data = from_arrow_files([tmp / f for f in files], prompt_format, str(path), max_seq_length)
         manifest = dict(
             version=CACHE_VERSION,
             key=entry.name,
@@ -307,69 +297,10 @@ def check_entry(entry: Path, key: str) -> str | None:
     return None
 
 
-def load_entry_files(
-    entry: Path,
-    files: list[str],
-    prompt_format: str,
-    source: str,
-    max_seq_length: int,
-    end_tokens: dict[int, int] | None = None,
-) -> TokenizedSet:
-    """An entry's Arrow files as a TokenizedSet: the files are memory-mapped only to read their
-    layout and the small columns; token values stay in the files, read per example (see
-    trainer.tokenized.FileValues); per-row offsets, lengths and counts are copied (~30 bytes
-    per example)."""
-    import pyarrow as pa
-
-    ids_chunks, label_chunks, small = (
-        [],
-        [],
-        {k: [] for k in ("state", "n_labels", "record", "merged")},
-    )
-    ends: list[list[int]] = []
-    for name in files:
-        path = str(entry / name)
-        mapped = pa.memory_map(path)
-        base = mapped.read_buffer(1).address  # where the file starts in the mapping
-        mapped.seek(0)
-        table = pa.ipc.open_stream(mapped).read_all()
-        file = OpenFile(path)
-        for col, out in (("input_ids", ids_chunks), ("labels", label_chunks)):
-            for chunk in table.column(col).chunks:
-                values = chunk.values
-                pos = values.buffers()[1].address - base + values.offset * 4
-                out.append(
-                    (
-                        FileValues(file, pos, len(values)),
-                        np.array(chunk.offsets.to_numpy(zero_copy_only=True)),
-                    )
-                )
-        for k, parts in small.items():
-            parts.append(np.array(table.column(k).to_numpy()))
-        if end_tokens is None:
-            ends += table.column("end_tokens").to_pylist()
-        del table
-        mapped.close()
-    cols = {k: np.concatenate(v) for k, v in small.items()}
-    return from_chunks(
-        ids_chunks,
-        label_chunks,
-        cols["state"],
-        cols["n_labels"],
-        cols["record"],
-        cols["merged"],
-        count_end_tokens(ends) if end_tokens is None else end_tokens,
-        prompt_format,
-        source,
-        max_seq_length,
-    )
-
-
 def load_entry(entry: Path, source: str, max_seq_length: int) -> TokenizedSet:
     manifest = json.loads((Path(entry) / MANIFEST).read_text())
-    return load_entry_files(
-        Path(entry),
-        list(manifest["files"]),
+    return from_arrow_files(
+        [Path(entry) / f for f in manifest["files"]],
         manifest["prompt_format"],
         source,
         max_seq_length,
@@ -448,100 +379,3 @@ def _has_messages(path: Path) -> bool:
         if '"messages"' in line and is_messages(parse_line(line, f"{path}:line {lineno}")):
             return True
     return False
-
-
-def prepare(
-    train: list[Path],
-    evals: list[Path],
-    tokenizer: Any,
-    model_dir: Path,
-    requested_format: str,
-    max_seq_length: int,
-    overlong: str,
-    cache_dir: Path,
-    num_proc: int,
-    timeout_s: int,
-    say: Any = print,
-) -> tuple[list[TokenizedSet], list[TokenizedSet], dict[str, Any]]:
-    """Collective: every file tokenized (once per node, or once) and mapped on every rank.
-
-    Returns the train sets, the eval sets (in the order given) and the builder's report.
-    """
-    import torch.distributed as tdist
-
-    shared = _shared(cache_dir)
-    # The launchers (deepspeed, torchrun) number each node's ranks contiguously: the node's
-    # local rank 0 is this rank minus its local rank.
-    builder_rank = 0 if shared else dist.rank() - int(os.environ.get("LOCAL_RANK", "0"))
-    result: dict[str, Any] | None = None
-    crash: BaseException | None = None
-    if dist.rank() == builder_rank:
-        try:
-            result = ensure_entries(
-                train,
-                evals,
-                tokenizer,
-                model_dir,
-                requested_format,
-                max_seq_length,
-                overlong,
-                cache_dir,
-                num_proc,
-                say,
-            )
-        except DataError as e:
-            result = {"error": str(e)}
-        except OSError as e:
-            result = {"error": f"--data_cache_dir {cache_dir}: {e.strerror or e}"}
-        except Exception as e:  # noqa: BLE001 - a bug: the waiting ranks must not wait for hours
-            crash, result = (
-                e,
-                {
-                    "error": f"rank {dist.rank()} failed while tokenizing: {type(e).__name__}: {e}",
-                    "crash": True,
-                },
-            )
-    if dist.is_initialized() and dist.world_size() > 1:
-        # Gloo, whatever the training backend: a CPU wait with its own, long timeout.
-        group = tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        tdist.barrier(group=group)
-        tdist.destroy_process_group(group)
-    results = dist.gather_objects(result)
-    if crash is not None:
-        raise crash
-    failed = [r for r in results if r is not None and "error" in r]
-    if failed:
-        if failed[0].get("crash"):
-            raise RuntimeError(failed[0]["error"])
-        raise DataError(failed[0]["error"])
-    built = [r for r in results if r is not None]
-    if len({r["train_hash"] for r in built}) > 1:  # node-local caches: each node its own copy
-        raise DataError(
-            "the nodes' training files differ (their contents hash differently): "
-            "every node must train on the same data"
-        )
-    mine = results[builder_rank]
-    entries = mine["entries"]
-    load = {}
-    for p in dict.fromkeys([*map(str, train), *map(str, evals)]):
-        load[p] = load_entry(Path(entries[p]["dir"]), p, max_seq_length)
-    return ([load[str(p)] for p in train], [load[str(p)] for p in evals], mine)
-
-
-def _shared(cache_dir: Path) -> bool:
-    """Collective: do all ranks see the same cache directory? (rank 0 writes a probe file)"""
-    if dist.world_size() == 1:
-        return True
-    token = dist.gather_objects(uuid.uuid4().hex if dist.is_main() else None)[0]
-    probe = Path(cache_dir) / f".probe-{token}"
-    if dist.is_main():
-        with contextlib.suppress(OSError):
-            probe.parent.mkdir(parents=True, exist_ok=True)
-            probe.write_text(socket.gethostname())
-    dist.barrier()
-    seen = dist.gather_objects(probe.exists())
-    dist.barrier()
-    if dist.is_main():
-        with contextlib.suppress(OSError):
-            probe.unlink()
-    return all(seen)

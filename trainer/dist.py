@@ -1,5 +1,8 @@
 """Everything rank-related, under one rule: collectives on every rank, writes on rank 0, barrier.
 
+Also the stop agreement (:class:`StopRequest`): a signal or STOP file is one rank's wish, the
+decision is taken together.
+
 These helpers also work with no process group (a plain `python` run or a unit test): then the
 world is one rank and collectives are identities.
 """
@@ -8,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,3 +134,48 @@ def _comm_device() -> torch.device:
 def teardown() -> None:
     if is_initialized():
         tdist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (what SLURM and Kubernetes send to every process of a job) or a STOP
+    file in the output directory ask the run to stop after the current optimizer step.
+
+    The handler only sets a flag; :meth:`agreed` sums every rank's flag in the step's one
+    collective, so all ranks stop at the same step boundary (a rank that stopped alone would
+    leave the others hanging in their next collective). The loop then saves and exits 0. A
+    second SIGINT restores the default behaviour and re-raises it, for a user who wants out now.
+    """
+
+    def __init__(self, stop_file: Path):
+        self.stop_file, self.reason = stop_file, ""
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.reason and signum == signal.SIGINT:  # Ctrl-C twice: give up the clean stop
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        # A repeated SIGTERM is expected (SLURM signals every process and DeepSpeed's launcher
+        # forwards its own), so it does not escalate.
+        self.reason = self.reason or signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        """This rank's wish (rank 0 also looks for the STOP file)."""
+        if not self.reason and is_main() and self.stop_file.exists():
+            self.reason = f"{self.stop_file} exists"
+        return bool(self.reason)
+
+    def agreed(self, loss_sum: float) -> tuple[bool, float]:
+        """Collective: (does any rank stop, the step's loss summed over ranks) in one reduction."""
+        votes, loss = all_reduce_sum([float(self.requested()), loss_sum])
+        return votes > 0, loss
+
+    def clear(self) -> None:
+        if is_main():
+            self.stop_file.unlink(missing_ok=True)  # or the restart would stop at once
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint.layout import FORMAT_FILE
 from trainer.config import ConfigError
-from trainer.consolidate import FORMAT_FILE
 from trainer.tokenized import TokenizedSet
 
 

@@ -50,7 +50,7 @@ def free_bytes(path: Path) -> int:
 
 def state_bytes(num_params: int) -> int:
     """A checkpoint's resumable state before one exists to measure: the planner's figure (ZeRO
-    shards, 2 + 12 bytes/param: trainer.plan), plus a little for the trainer state and hf/."""
+    shards, 2 + 12 bytes/param: trainer.offline.plan), plus a little for trainer state and hf/."""
     return 14 * num_params + (4 << 20)
 
 

@@ -1,4 +1,5 @@
-"""Logging sinks: training_log.txt, metrics.jsonl, eval_results.json, wandb, progress bar.
+"""Logging sinks: training_log.txt, metrics.jsonl, eval_results.json, curves.png, wandb, the
+progress bar; and what a run writes about itself: config.yaml and the summary.
 
 Rank 0 gets a :class:`MetricsSink`; the other ranks get a :class:`NullSink` with the same methods,
 so the loop never branches on the rank to log (nanochat's DummyWandb pattern).
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from trainer import plots, versions
 
 
 class NullSink:
@@ -49,6 +53,7 @@ class MetricsSink(NullSink):
             desc="train",
             unit="step",
             dynamic_ncols=True,
+            file=sys.stdout,  # the stream messages go to (see message())
             disable=os.environ.get("QSFT_NO_PROGRESS") == "1",
         )
         self.wandb = _start_wandb(wandb_cfg, self.message) if wandb_cfg else None
@@ -60,7 +65,7 @@ class MetricsSink(NullSink):
             f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {record['step']} "
             f"loss {record['loss']:.4f} lr {record['lr']:.3e} grad_norm {record['grad_norm']:.3f} "
             f"tokens/s {record['tokens_per_s']:.0f} mfu {record.get('mfu', 0):.1%} "
-            f"padding {record.get('padding', 0):.1%} samples {record['consumed_samples']}\n"
+            f"padding {record.get('padding', 0):.1%} units {record['consumed_units']}\n"
         )
         if self.wandb:
             self.wandb.log(
@@ -68,7 +73,19 @@ class MetricsSink(NullSink):
             )
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """logs/summary.json, after drawing the final curves.png (named in the summary)."""
+        curves = self.draw_curves(summary["eval"])
+        summary["curves"] = str(curves) if curves else None
         (self.logs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def draw_curves(self, eval_history: list[dict[str, Any]]) -> Path | None:
+        """Redraw logs/curves.png from metrics.jsonl; a picture that cannot be written is said,
+        not fatal (the numbers it shows are in metrics.jsonl and eval_results.json)."""
+        try:
+            return plots.draw_curves(self.logs, eval_history)
+        except (OSError, ValueError) as e:
+            self.note(f"warning: {self.logs / plots.CURVES} not drawn: {e}")
+            return None
 
     def log_event(self, record: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -92,6 +109,7 @@ class MetricsSink(NullSink):
             + "\n"
         )
         os.replace(tmp, self.logs / "eval_results.json")
+        self.draw_curves(history)
         self.message(
             f"eval step {last['step']}: loss {last['eval_loss']:.4f} perplexity "
             f"{last['perplexity']:.2f} (best {best['eval_loss']:.4f} at step "
@@ -111,7 +129,20 @@ class MetricsSink(NullSink):
             )
 
     def message(self, text: str) -> None:
-        self.bar.write(text)
+        """A line for the person watching: above the progress bar, and in training_log.txt.
+
+        The bar redraws its line with a carriage return. tqdm.write() prints to stdout while a
+        default bar draws on stderr, and stdout under a launcher is a pipe whose buffer is
+        written later: the message then lands on (or after) the bar's line. So the bar and the
+        messages share stdout, and each message clears the bar, is written and flushed, and the
+        bar is drawn again below it.
+        """
+        if self.bar.disable:
+            print(text, flush=True)
+        else:
+            with self.bar.external_write_mode(file=self.bar.fp):
+                self.bar.fp.write(text + "\n")
+                self.bar.fp.flush()
         self.note(text)
 
     def note(self, text: str) -> None:
@@ -130,6 +161,92 @@ class MetricsSink(NullSink):
         self.samples.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def pooled_stats(sets: list[Any]) -> dict[str, Any] | None:
+    """The eval files' counts added up (kept, dropped, cut), for the summary."""
+    if not sets:
+        return None
+    return {k: sum(s.stats[k] for s in sets) for k in sets[0].stats}
+
+
+def write_run_config(
+    cfg: Any,
+    ds_config: dict[str, Any],
+    world: int,
+    num_params: int,
+    data: dict[str, Any],
+    kernels: dict[str, Any],
+) -> None:
+    """OUTPUT_DIR/config.yaml: every setting as resolved, the DeepSpeed config as given to it,
+    the data (format, files, mix), the kernels and the library versions."""
+    import yaml
+
+    resolved = dict(
+        run=cfg.model_dump(mode="json"),
+        deepspeed=ds_config,
+        world_size=world,
+        num_parameters=num_params,
+        warmup_steps=cfg.resolved_warmup_steps,
+        data=data,
+        kernels=kernels,
+        versions=versions(),
+    )
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def wandb_config(cfg: Any, ds_config: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+    """The wandb run to start (or resume, with the id a checkpoint recorded)."""
+    wandb_dir = Path(cfg.output_dir) / "wandb"
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    return dict(
+        project="qsft",
+        name=f"{cfg.experiment_name}-{cfg.model_size}",
+        config=dict(run=cfg.model_dump(mode="json"), deepspeed=ds_config),
+        dir=str(wandb_dir),
+        run_id=run_id,
+    )
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The lines printed at the end of a run."""
+    title = "stopped early (resume with --resume auto)" if s.get("stopped") else "training complete"
+    lines = [
+        "",
+        f"== qsft: {title} ==",
+        f"steps {s['steps']} in {s['wall_s'] / 60:.1f} min, mean {s['tokens_per_s']:.0f} "
+        f"tokens/s (non-padding, all ranks)",
+    ]
+    if s["eval"]:
+        first, last = s["eval"][0], s["eval"][-1]
+        best = min(s["eval"], key=lambda r: r["eval_loss"])
+        lines.append(
+            f"eval loss {first['eval_loss']:.4f} (step {first['step']}) -> "
+            f"{last['eval_loss']:.4f} (step {last['step']}); best "
+            f"{best['eval_loss']:.4f} at step {best['step']}"
+        )
+        data = s.get("eval_data") or {}
+        if data.get("dropped") or data.get("truncated"):
+            lines.append(
+                f"eval over {data['examples']} of {data['records']} records: "
+                f"{data['dropped']} longer than --max_seq_length left out, "
+                f"{data['truncated']} cut to it"
+            )
+    if s.get("best_checkpoint") and s["eval"]:
+        best = min(s["eval"], key=lambda r: r["eval_loss"])
+        lines.append(f"best checkpoint by eval loss (step {best['step']}): {s['best_checkpoint']}")
+    if s.get("curves"):
+        lines.append(f"curves (loss, eval loss, learning rate, tokens/s): {s['curves']}")
+    c = s["consolidated"]
+    if c:
+        lines += [
+            f"consolidated checkpoint: {c}",
+            "load it: from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            f"AutoModelForCausalLM.from_pretrained('{c}'); "
+            f"AutoTokenizer.from_pretrained('{c}')",
+        ]
+    return "\n".join(lines)
 
 
 def _start_wandb(cfg: dict[str, Any], say: Any) -> Any:

@@ -19,12 +19,30 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from trainer import dist
 from trainer.config import ConfigError
+from trainer.records import DataError
 
 PROBE_DIR = ".preflight"
+T = TypeVar("T")
+
+
+def attempt(check: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """check()'s value, or this rank's input error for :func:`gather_errors`.
+
+    A ConfigError or DataError as it is; an OSError (e.g. a permission error on one node's copy
+    of a path) as a ConfigError naming the path.
+    """
+    try:
+        return check(), None
+    except (ConfigError, DataError) as e:
+        return None, e
+    except OSError as e:
+        return None, ConfigError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
 
 
 def gather_errors(local_error: Exception | None) -> None:
@@ -41,28 +59,46 @@ def gather_errors(local_error: Exception | None) -> None:
     raise ConfigError(message)
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """Collective: every rank can write OUTPUT_DIR and rank 0 sees every rank's file."""
+def visible_ranks(directory: Path) -> tuple[list[set[int]], str | None]:
+    """Collective: which ranks' files each rank sees in `directory`.
+
+    Every rank writes a probe file into directory/.preflight/<token>/ (one token per call, so
+    concurrent launches do not mix), all wait, then each lists the folder once. Returns, on every
+    rank, seen[r] = the ranks whose probe rank r saw, and this rank's write error (None if it
+    wrote). A directory every node mounts from one filesystem gives every rank every probe.
+    """
     host = socket.gethostname()
     token = dist.gather_objects(uuid.uuid4().hex if dist.is_main() else None)[0]
-    probes = Path(output_dir) / PROBE_DIR / token
+    probes = Path(directory) / PROBE_DIR / token
     error = None
     try:
         probes.mkdir(parents=True, exist_ok=True)
         (probes / f"rank-{dist.rank()}").write_text(f"{host} {os.getpid()}\n")
     except OSError as e:
-        error = f"--output_dir {output_dir}: not writable from this rank: {e.strerror}"
-    gather_errors(ConfigError(error) if error else None)
-    dist.barrier()  # every probe is written (and closed) before rank 0 looks
-    hosts = dist.gather_objects(host)
-    missing: list[int] = []
+        error = e.strerror or str(e)
+    dist.barrier()  # every probe is written (and closed) before anyone looks
+    try:
+        mine = {int(p.name[5:]) for p in probes.iterdir() if p.name.startswith("rank-")}
+    except OSError:
+        mine = set()
+    seen = dist.gather_objects(mine)
+    dist.barrier()  # every rank has looked before the probes go
     if dist.is_main():
-        missing = [r for r in range(dist.world_size()) if not (probes / f"rank-{r}").is_file()]
-        shutil.rmtree(probes, ignore_errors=True)  # this launch's token only: others may run
+        shutil.rmtree(probes, ignore_errors=True)
         with contextlib.suppress(OSError):
-            probes.parent.rmdir()  # gone once empty
-    missing = dist.gather_objects(missing)[0]
+            probes.parent.rmdir()  # gone once empty: other launches may still be probing
+    return seen, error
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Collective: every rank can write OUTPUT_DIR and rank 0 sees every rank's file."""
+    seen, error = visible_ranks(output_dir)
+    if error:
+        error = f"--output_dir {output_dir}: not writable from this rank: {error}"
+    gather_errors(ConfigError(error) if error else None)
+    missing = sorted(set(range(dist.world_size())) - seen[0])
     if missing:
+        hosts = dist.gather_objects(socket.gethostname())
         where = ", ".join(f"rank {r} on {hosts[r]}" for r in missing[:4])
         raise ConfigError(
             f"--output_dir {output_dir}: rank 0 on {hosts[0]} cannot see files "

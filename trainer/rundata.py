@@ -1,21 +1,29 @@
 """The run's data: its files tokenized through the cache, the training mix, what is said of it.
 
-Called by every rank of trainer.loop.setup after the process group exists (building the cache
-is one rank's work, the others wait). The prompt format is decided by the training files
+Called by every rank of trainer.startup.setup after the process group exists.
+
+Who builds the cache (trainer.datacache): one rank per node (local rank 0) while the node's other
+ranks wait in a barrier of their own, with --data_timeout_s (tokenizing a large set takes longer
+than the collective timeout); when every node sees the same cache directory (a shared
+filesystem, checked with probe files), global rank 0 alone. The builder's outcome (the entries,
+or the one-line error) then reaches every rank, so bad data stops the whole job with one
+message, exit 2. The prompt format is decided by the training files
 (--prompt_format auto) and applies to the eval files too; so does --overlong.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from trainer import datacache
+from trainer import datacache, dist, preflight
 from trainer.config import RunConfig
-from trainer.data import DataError
+from trainer.records import DataError
 from trainer.tokenized import TokenizedSet, mix
 
 
@@ -37,7 +45,7 @@ def load(cfg: RunConfig, tokenizer: Any) -> RunData:
     def say(text: str) -> None:  # the builder, before any log exists: one line, at once
         print(f"qsft: {text}", file=sys.stderr, flush=True)
 
-    train, evals, report = datacache.prepare(
+    train, evals, report = prepare(
         cfg.train_paths,
         cfg.eval_paths,
         tokenizer,
@@ -51,6 +59,85 @@ def load(cfg: RunConfig, tokenizer: Any) -> RunData:
         say,
     )
     return RunData(mix(train, cfg.train_weights), train, evals, report)
+
+
+def prepare(
+    train: list[Path],
+    evals: list[Path],
+    tokenizer: Any,
+    model_dir: Path,
+    requested_format: str,
+    max_seq_length: int,
+    overlong: str,
+    cache_dir: Path,
+    num_proc: int,
+    timeout_s: int,
+    say: Any = print,
+) -> tuple[list[TokenizedSet], list[TokenizedSet], dict[str, Any]]:
+    """Collective: every file tokenized (once per node, or once) and mapped on every rank.
+
+    Returns the train sets, the eval sets (in the order given) and the builder's report.
+    """
+    import torch.distributed as tdist
+
+    # One build for all when every rank sees rank 0's files there (a shared filesystem).
+    shared = dist.world_size() == 1 or all(0 in s for s in preflight.visible_ranks(cache_dir)[0])
+    # The launchers (deepspeed, torchrun) number each node's ranks contiguously: the node's
+    # local rank 0 is this rank minus its local rank.
+    builder_rank = 0 if shared else dist.rank() - int(os.environ.get("LOCAL_RANK", "0"))
+    result: dict[str, Any] | None = None
+    crash: BaseException | None = None
+    if dist.rank() == builder_rank:
+        try:
+            result = datacache.ensure_entries(
+                train,
+                evals,
+                tokenizer,
+                model_dir,
+                requested_format,
+                max_seq_length,
+                overlong,
+                cache_dir,
+                num_proc,
+                say,
+            )
+        except DataError as e:
+            result = {"error": str(e)}
+        except OSError as e:
+            result = {"error": f"--data_cache_dir {cache_dir}: {e.strerror or e}"}
+        except Exception as e:  # noqa: BLE001 - a bug: the waiting ranks must not wait for hours
+            crash, result = (
+                e,
+                {
+                    "error": f"rank {dist.rank()} failed while tokenizing: {type(e).__name__}: {e}",
+                    "crash": True,
+                },
+            )
+    if dist.is_initialized() and dist.world_size() > 1:
+        # Gloo, whatever the training backend: a CPU wait with its own, long timeout.
+        group = tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        tdist.barrier(group=group)
+        tdist.destroy_process_group(group)
+    results = dist.gather_objects(result)
+    if crash is not None:
+        raise crash
+    failed = [r for r in results if r is not None and "error" in r]
+    if failed:
+        if failed[0].get("crash"):
+            raise RuntimeError(failed[0]["error"])
+        raise DataError(failed[0]["error"])
+    built = [r for r in results if r is not None]
+    if len({r["train_hash"] for r in built}) > 1:  # node-local caches: each node its own copy
+        raise DataError(
+            "the nodes' training files differ (their contents hash differently): "
+            "every node must train on the same data"
+        )
+    mine = results[builder_rank]
+    entries = mine["entries"]
+    load = {}
+    for p in dict.fromkeys([*map(str, train), *map(str, evals)]):
+        load[p] = datacache.load_entry(Path(entries[p]["dir"]), p, max_seq_length)
+    return ([load[str(p)] for p in train], [load[str(p)] for p in evals], mine)
 
 
 def check_files(cfg: RunConfig) -> None:

@@ -19,18 +19,13 @@ import bisect
 import contextlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trainer.data import (
-    IGNORE_INDEX,
-    DataError,
-    RecordError,
-    Records,
-    encode_batch,
-    resolve_prompt_format,
-)
+from trainer.data import IGNORE_INDEX, encode_batch, resolve_prompt_format
+from trainer.records import DataError, RecordError, Records
 
 KEPT, TRUNCATED, DROPPED = 0, 1, 2
 
@@ -329,3 +324,61 @@ def mix(sets: list[TokenizedSet], weights: list[float] | None) -> TokenizedSet:
         if k in sets[0].stats
     }
     return out
+
+
+def from_arrow_files(
+    files: list[Path],
+    prompt_format: str,
+    source: str,
+    max_seq_length: int,
+    end_tokens: dict[int, int] | None = None,
+) -> TokenizedSet:
+    """Arrow IPC files of token columns (a cache entry's, trainer.datacache) as one
+    TokenizedSet: the files are memory-mapped only to read their
+    layout and the small columns; token values stay in the files, read per example (see
+    trainer.tokenized.FileValues); per-row offsets, lengths and counts are copied (~30 bytes
+    per example)."""
+    import pyarrow as pa
+
+    ids_chunks, label_chunks, small = (
+        [],
+        [],
+        {k: [] for k in ("state", "n_labels", "record", "merged")},
+    )
+    ends: list[list[int]] = []
+    for name in files:
+        path = str(name)
+        mapped = pa.memory_map(path)
+        base = mapped.read_buffer(1).address  # where the file starts in the mapping
+        mapped.seek(0)
+        table = pa.ipc.open_stream(mapped).read_all()
+        file = OpenFile(path)
+        for col, out in (("input_ids", ids_chunks), ("labels", label_chunks)):
+            for chunk in table.column(col).chunks:
+                values = chunk.values
+                pos = values.buffers()[1].address - base + values.offset * 4
+                out.append(
+                    (
+                        FileValues(file, pos, len(values)),
+                        np.array(chunk.offsets.to_numpy(zero_copy_only=True)),
+                    )
+                )
+        for k, parts in small.items():
+            parts.append(np.array(table.column(k).to_numpy()))
+        if end_tokens is None:
+            ends += table.column("end_tokens").to_pylist()
+        del table
+        mapped.close()
+    cols = {k: np.concatenate(v) for k, v in small.items()}
+    return from_chunks(
+        ids_chunks,
+        label_chunks,
+        cols["state"],
+        cols["n_labels"],
+        cols["record"],
+        cols["merged"],
+        count_end_tokens(ends) if end_tokens is None else end_tokens,
+        prompt_format,
+        source,
+        max_seq_length,
+    )

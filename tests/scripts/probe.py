@@ -3,7 +3,9 @@
     probe.py grads  OUT.pt  TRAIN_FLAGS...   one step's micro-batches; dump full gradients
     probe.py logits OUT.pt  TRAIN_FLAGS...   train as launch/train.py does; dump live logits
 
-It drives the same setup()/forward_backward()/fit()/finish() the trainer uses.
+It drives the trainer's own code: startup.setup(), then for `grads` the loop's
+accumulate_gradients() (every micro-batch of the first optimizer step, stopped before the
+boundary's engine.step() updates the weights), for `logits` loop.fit() and loop.finish().
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from deepspeed.utils import safe_get_full_grad
 from trainer import dist
 from trainer.batching import collate
 from trainer.config import parse_run_config
-from trainer.loop import finish, fit, forward_backward, setup
+from trainer.loop import accumulate_gradients, finish, fit
+from trainer.startup import setup
 
 
 def main() -> None:
@@ -27,12 +30,7 @@ def main() -> None:
     engine = run.engine
     if mode == "grads":
         init = engine._zero3_consolidated_16bit_state_dict()  # collective
-        batches = run.sampler.step(0)
-        num_items = batches.num_label_tokens / (run.world * run.cfg.gradient_accumulation_steps)
-        for j, mb in enumerate(batches.micro_batches):
-            forward_backward(engine, mb, num_items)
-            if j < len(batches.micro_batches) - 1:
-                engine.step()  # not the boundary: only counts the micro-step
+        accumulate_gradients(run, run.sampler.step(0))
         # At the boundary the gradients are reduced; gathering them is a collective.
         grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
         if dist.is_main():

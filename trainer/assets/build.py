@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.data_convert import Problem, Test, render_records
+from trainer.datatools.problems import Problem, Test, render_records
 
 ASSETS = Path(__file__).resolve().parent
 PROBLEMS = ASSETS / "q_problems.jsonl"

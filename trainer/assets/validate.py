@@ -3,8 +3,9 @@
     python -m trainer.assets.validate [EXTRA.jsonl ...]
 
 checks the shipped problems plus any extra problem files (a draft being written) together:
-schema, Python solutions against their test cases, q syntax lint (trainer.qlint), unique ids,
-and near-duplicate descriptions or solutions. Prints one line per problem found wrong; exit 1.
+schema, Python solutions against their test cases, q syntax lint (trainer.datatools.qlint),
+unique ids and near-duplicate descriptions or solutions. Prints one line per problem found
+wrong; exit 1.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.assets.build import PROBLEMS, load_problems
-from trainer.near_dup import near_duplicate_pairs
-from trainer.qlint import Diagnostic, lint
+from trainer.datatools.near_dup import near_duplicate_pairs
+from trainer.datatools.qlint import Diagnostic, lint
 
 DIFFICULTIES = ("easy", "medium", "hard")
 TOPICS = (

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.data import DataError, encode, load_records, resolve_prompt_format, to_messages
-from trainer.near_dup import THRESHOLD, near_duplicate_pairs, normalise
+from trainer.data import encode, resolve_prompt_format
+from trainer.datatools.near_dup import THRESHOLD, near_duplicate_pairs, normalise
+from trainer.records import DataError, load_records, to_messages
 
 TASK_KINDS = ("desc2q", "py2q", "q2py")
 PERCENTILES = (50, 90, 95, 99)
@@ -207,19 +208,9 @@ def check_histogram_path(path: Path) -> None:
 
 
 def _write_histogram(path: Path, lengths: list[int], max_seq_length: int) -> None:
-    from trainer.png import histogram_png
+    from trainer.plots import draw_histogram
 
-    top = max(max(lengths), max_seq_length)
-    step = max(1, -(-top // 40))  # ~40 bars
-    edges = [i * step for i in range(-(-(top + 1) // step) + 1)]
-    counts = [0] * (len(edges) - 1)
-    for n in lengths:
-        counts[min(n // step, len(counts) - 1)] += 1
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        histogram_png(tmp, edges, counts, marker=max_seq_length)
-        tmp.replace(path)
+        draw_histogram(path, lengths, max_seq_length)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write the histogram ({e.strerror or e})") from None

@@ -1,4 +1,5 @@
-"""Pydantic schema of the whole DeepSpeed JSON (DeepSpeed 0.19.x), used by trainer.config.
+"""The DeepSpeed JSON: its pydantic schema (DeepSpeed 0.19.x), loading, cross-checks with the
+run config, and `qsft-config check` (python -m trainer.ds_config check FILE... [--world_size N]).
 
 DeepSpeed reads its top-level keys with `dict.get`, so a misspelt key such as
 "gradient_clippping" is silently ignored. Here every level forbids unknown keys. Sections for
@@ -9,10 +10,17 @@ aliases instead of copying it; the rest are modelled here.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import importlib
+import json
+import sys
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainer.config import ConfigError, RunConfig, one_line_error
 
 # Keys DeepSpeed understands but this trainer does not drive (pipeline/tensor/expert
 # parallelism, compression, curriculum, autotuning...). Passing them would be silently
@@ -225,3 +233,161 @@ def ds_section_model(section: str) -> type[BaseModel]:
     """DeepSpeed's pydantic model class for a config section."""
     module, name = DS_SECTION_MODELS[section]
     return getattr(importlib.import_module(module), name)
+
+
+def load_ds_config(path: Path) -> dict[str, Any]:
+    """Read a DeepSpeed JSON file and validate it completely (unknown keys at any level fail)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object")
+    validate_ds_dict(raw, source=str(path))
+    return raw
+
+
+def validate_ds_dict(raw: dict[str, Any], source: str = "ds_config") -> DSConfig:
+    """Schema + cross-field checks on a DeepSpeed config dict; raises ConfigError."""
+    _reject_auto(raw, source, "")
+    unsupported = sorted(set(raw) & UNSUPPORTED_KEYS)
+    if unsupported:
+        raise ConfigError(
+            f"{source}: '{unsupported[0]}' is a DeepSpeed feature qsft does not drive; remove it"
+        )
+    unknown = sorted(set(raw) - set(DSConfig.model_fields))
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(key, DSConfig.model_fields, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else "; remove it (DeepSpeed would ignore it)"
+        raise ConfigError(f"{source}: unknown top-level key '{key}'{hint}")
+    try:
+        cfg = DSConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(one_line_error(e, source=source)) from None
+    for section in DS_SECTION_MODELS:
+        if raw.get(section) is not None:
+            _validate_section(section, raw[section], source)
+    try:
+        cfg.cross_check()
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def _validate_section(section: str, value: Any, source: str) -> None:
+    model = ds_section_model(section)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {section}: must be a JSON object (got {value!r})")
+    try:
+        model(**value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in (section, *err["loc"]))
+        if err["type"] == "extra_forbidden":
+            known = [f.alias or n for n, f in model.model_fields.items()]
+            near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near and len(err["loc"]) == 1 else ""
+            raise ConfigError(f"{source}: unknown key '{loc}'{hint}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {loc}: {msg} (got {err.get('input')!r})") from None
+    except (ValueError, TypeError, AssertionError) as e:  # DeepSpeed's own validators
+        raise ConfigError(f"{source}: {section}: {str(e).splitlines()[0]}") from None
+
+
+def _reject_auto(node: Any, source: str, path: str) -> None:
+    # "auto" is resolved only by the HF Trainer integration; handed to DeepSpeed directly it is a
+    # string where a number belongs. Our configs pin numbers, derived in ds_configs/README.md.
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _reject_auto(v, source, f"{path}.{k}" if path else k)
+    elif node == "auto":
+        raise ConfigError(
+            f'{source}: {path}: "auto" is not supported; pin a number (see ds_configs/README.md)'
+        )
+
+
+def resolve_ds_config(run: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed dict the engine gets: the file, validated, with the run's batch and precision.
+
+    Batch keys present in the file must agree with the flags and the launcher's real world size.
+    """
+    source = str(run.ds_config_path)
+    ds = load_ds_config(run.ds_config_path)
+    micro, accum = run.batch_size, run.gradient_accumulation_steps
+    if ds.get("train_micro_batch_size_per_gpu", micro) != micro:
+        raise ConfigError(
+            f"{source}: train_micro_batch_size_per_gpu "
+            f"{ds['train_micro_batch_size_per_gpu']} != --batch_size {micro}; "
+            f"drop the key or make them equal"
+        )
+    if ds.get("gradient_accumulation_steps", accum) != accum:
+        raise ConfigError(
+            f"{source}: gradient_accumulation_steps "
+            f"{ds['gradient_accumulation_steps']} != --gradient_accumulation_steps "
+            f"{accum}; drop the key or make them equal"
+        )
+    check_batch(ds.get("train_batch_size"), micro, accum, world_size, source)
+    ds.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accum,
+        train_batch_size=micro * accum * world_size,
+    )
+    if run.bf16 is not None:
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": run.bf16}
+        if run.bf16:
+            ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
+    if "optimizer" in ds:  # a DeepSpeed optimizer (needed for offload): the flags own lr and wd
+        params = ds["optimizer"].setdefault("params", {})
+        params.update(lr=run.learning_rate, weight_decay=run.weight_decay)
+    validate_ds_dict(ds, source=source)
+    return ds
+
+
+def check_batch(train_batch: int | None, micro: int, accum: int, world: int, source: str) -> None:
+    """train_batch_size must equal micro x grad_accum x world, or DeepSpeed asserts much later."""
+    if train_batch is None or train_batch == micro * accum * world:
+        return
+    fix = (
+        f"set gradient_accumulation_steps to {train_batch // (micro * world)}"
+        if train_batch % (micro * world) == 0
+        else "change the batch flags"
+    )
+    raise ConfigError(
+        f"{source}: train_batch_size {train_batch} != micro {micro} x grad_accum "
+        f"{accum} x world {world} = {micro * accum * world}; {fix} or drop "
+        f"train_batch_size"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qsft-config")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    check = sub.add_parser("check", help="validate DeepSpeed JSON configs")
+    check.add_argument("files", nargs="+", type=Path)
+    check.add_argument(
+        "--world_size",
+        type=int,
+        default=None,
+        help="also check train_batch_size against this many ranks",
+    )
+    args = p.parse_args(argv)
+    failed = 0
+    for f in args.files:
+        try:
+            ds = load_ds_config(f)
+            micro = ds.get("train_micro_batch_size_per_gpu")
+            accum = ds.get("gradient_accumulation_steps", 1)
+            if args.world_size and micro:
+                check_batch(ds.get("train_batch_size"), micro, accum, args.world_size, str(f))
+            print(f"ok {f}")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

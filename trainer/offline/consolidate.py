@@ -1,11 +1,12 @@
 """ZeRO-3 checkpoint -> consolidated Hugging Face directory, streamed in bounded memory.
 
-    python -m trainer.consolidate CHECKPOINTS_ROOT_OR_TAG_DIR [--tag checkpoint-N] [--out DIR]
+    qsft-consolidate CHECKPOINTS_ROOT_OR_TAG_DIR [--tag checkpoint-N] [--out DIR]
         [--dtype bf16|fp16|fp32] [--max_shard_size 5GB] [--verify]
+    (or python -m trainer.offline.consolidate ...)
 
 Offline, on one machine, no GPU and no process group: it reads the ZeRO shard files alone.
-Parameters are gathered one at a time (trainer.zero_reader) and each is written straight into
-its safetensors file, whose header is written first from the known shapes, so peak memory is
+Parameters are gathered one at a time (trainer.offline.zero_reader) and each is written straight
+into its safetensors file, whose header is written first from the known shapes, so peak memory is
 about the largest single parameter whatever the model or shard size. The directory is built in a
 temporary sibling and renamed into place: readers never see a partial directory, and a failure
 leaves nothing behind.
@@ -17,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import struct
 import sys
@@ -28,27 +28,24 @@ from typing import Any
 import torch
 
 from trainer import versions
-from trainer.zero_reader import CheckpointError, ZeroCheckpoint
+from trainer.checkpoint.layout import (
+    COMPLETE,
+    EVAL_FILE,
+    FORMAT_FILE,
+    HF_SUBDIR,
+    PROBE_FILE,
+    sha256_file,
+    verify_files,
+)
+from trainer.config import ConfigError, parse_size
+from trainer.offline.zero_reader import CheckpointError, ZeroCheckpoint
 
-HF_SUBDIR = "hf"  # config, generation config and tokenizer, saved by the trainer in each tag
-PROBE_FILE = "verify_probe.pt"  # live-engine logits on a fixed batch, saved with each checkpoint
-FORMAT_FILE = "training_format.json"  # prompt format and end tokens; goes into manifest.json
-EVAL_FILE = "eval_summary.json"  # this step's eval loss and the best so far; into manifest.json
-COMPLETE = "COMPLETE"  # the trainer's marker: the tag was saved completely (trainer.checkpoint)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 class ConsolidateError(ValueError):
     """Bad input for consolidation; a one-line message naming the file."""
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
-    if not m:
-        raise ConsolidateError(f"--max_shard_size {text!r}: expected e.g. 5GB or 500MB")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
 
 
 def resolve_tag_dir(path: Path, tag: str | None, allow_incomplete: bool = False) -> Path:
@@ -78,30 +75,6 @@ def resolve_tag_dir(path: Path, tag: str | None, allow_incomplete: bool = False)
     if problem:
         raise ConsolidateError(f"damaged checkpoint: {problem}")
     return path
-
-
-def verify_files(tag_dir: Path, marker: dict[str, Any]) -> str | None:
-    """Every file the COMPLETE marker lists is there with its recorded size; else what is not.
-
-    Sizes are read only from metadata: free at any checkpoint size, and they catch what a full
-    disk, a killed copy or a truncated transfer leaves. (Content damage of the same size is
-    caught when the file is loaded.) Markers of older checkpoints list no files: nothing to check.
-    """
-    for name, size in (marker.get("files") or {}).items():
-        f = Path(tag_dir) / name
-        if not f.is_file():
-            return f"{f}: missing"
-        if f.stat().st_size != size:
-            return f"{f}: {f.stat().st_size} bytes, the checkpoint recorded {size}"
-    return None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def output_names(ckpt: ZeroCheckpoint, tied: bool) -> list[tuple[str, str | None]]:
@@ -345,11 +318,11 @@ def main(argv: list[str] | None = None) -> int:
             tag_dir,
             out,
             DTYPES.get(args.dtype),
-            parse_size(args.max_shard_size),
+            parse_size(args.max_shard_size, "--max_shard_size"),
             args.hf_dir,
             args.verify,
         )
-    except ConsolidateError as e:
+    except (ConsolidateError, ConfigError) as e:
         print(f"consolidate: error: {e}", file=sys.stderr)
         return 2
     print(
@@ -363,83 +336,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-class BackgroundConsolidator:
-    """Consolidates saved checkpoints in a child process on rank 0 while training goes on.
-
-    The converter reads the shard files just written, so it needs no GPU memory and no
-    collective: the other ranks never wait for it. One runs at a time; others queue, and the
-    loop's `poll()` at every step starts the next. Nothing waits for them but the end of
-    training (`wait()`), so even a queue of them (redone after a resume) never holds rank 0 in
-    a collective. A checkpoint being consolidated has no consolidated/ yet, which keeps its
-    state from retention (trainer.checkpoint.prune).
-    """
-
-    def __init__(self, log_dir: Path, say: Any):
-        self.log_dir, self.say = Path(log_dir), say
-        self.proc: Any = None
-        self.tag_dir: Path | None = None
-        self.queue: list[Path] = []
-        self.last: Path | None = None  # the newest successful output
-        self.t0 = 0.0
-
-    def start(self, tag_dir: Path) -> None:
-        self.queue.append(Path(tag_dir))
-        self.poll()
-
-    def poll(self) -> None:
-        """Collect a finished child and start the next queued tag; never blocks."""
-        if self.proc is not None and self.proc.poll() is not None:
-            self._collect()
-        if self.proc is None and self.queue:
-            self._launch(self.queue.pop(0))
-
-    def _launch(self, tag_dir: Path) -> None:
-        import subprocess
-
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        repo = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        with open(self.log_dir / f"consolidate-{tag_dir.name}.log", "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trainer.consolidate", str(tag_dir)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        self.tag_dir, self.t0 = tag_dir, time.perf_counter()
-
-    def _collect(self) -> None:
-        rc, tag_dir = self.proc.wait(), self.tag_dir
-        self.proc = None
-        seconds = time.perf_counter() - self.t0
-        if rc != 0:
-            self.say(
-                f"consolidation of {tag_dir} failed (exit {rc}); see "
-                f"{self.log_dir / f'consolidate-{tag_dir.name}.log'}"
-            )
-            self.last = None
-            return
-        self.say(f"consolidated {tag_dir / 'consolidated'} in {seconds:.1f}s (background)")
-        self.last = tag_dir / "consolidated"
-
-    def wait(self) -> Path | None:
-        """Run every queued consolidation to the end; the newest output dir, or None if none ran
-        or the last one failed."""
-        while self.proc is not None or self.queue:
-            if self.proc is not None:
-                self._collect()
-            self.poll()
-        return self.last
-
-
-class NullConsolidator:
-    """What ranks other than 0 hold: consolidation is rank 0's file work."""
-
-    def start(self, tag_dir: Path) -> None: ...
-
-    def poll(self) -> None: ...
-
-    def wait(self) -> Path | None:
-        return None

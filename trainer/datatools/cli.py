@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from trainer.config import ASSETS_DIR, ConfigError
-from trainer.data import DataError
+from trainer.records import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         help="format to measure lengths in, as train.py's flag (default auto)",
     )
     ins.add_argument(
-        "--histogram", default="lengths.png", help="length histogram PNG to write ('none' to skip)"
+        "--histogram",
+        default=None,
+        help="write a length histogram PNG here (default: none is drawn)",
     )
     ins.add_argument(
         "--strict", action="store_true", help="exit 1 on duplicate records or train/test overlap"
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from trainer.data_inspect import check_histogram_path, inspect_files
+    from trainer.datatools.inspection import check_histogram_path, inspect_files
     from trainer.model import load_tokenizer
 
     if args.max_seq_length < 1:
@@ -88,7 +90,8 @@ def _inspect(args: argparse.Namespace) -> int:
     for f in args.files:
         if not f.exists():
             raise DataError(f"{f}: file not found")
-    histogram = None if args.histogram == "none" else Path(args.histogram)
+    # 'none' was the way to skip it when a histogram was drawn by default; still accepted.
+    histogram = None if args.histogram in (None, "none") else Path(args.histogram)
     if histogram is not None:
         check_histogram_path(histogram)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -100,7 +103,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from trainer.data_convert import convert
+    from trainer.datatools.convert import convert
 
     if not 0 <= args.test_fraction < 1:
         raise ConfigError(f"--test_fraction {args.test_fraction} must be in [0, 1)")
