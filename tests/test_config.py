@@ -265,8 +265,10 @@ def test_several_files_weights_and_epochs_parse(tmp_path):
     assert cfg.cache_dir == tmp_path / "data_cache"
 
 
-def test_save_every_0_means_no_checkpoints(tmp_path):
+def test_save_steps_is_the_original_name_of_save_every_n_steps(tmp_path):
+    # What 0 does (no checkpoint at all) is checked on a launched run in test_multirank.
     assert _run_cfg(tmp_path, "--save_steps", "0").save_every_n_steps == 0
+    assert _run_cfg(tmp_path, "--save_steps", "7").save_every_n_steps == 7
 
 
 @pytest.mark.parametrize("name", list(BAD_FLAGS))
@@ -279,9 +281,13 @@ def test_bad_flags_rejected(name, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_launcher_local_rank_flag_is_accepted(tmp_path):
-    cfg = _run_cfg(tmp_path, "--local_rank=1")
-    assert cfg.model_size == "tiny"
+@pytest.mark.parametrize("flag", [["--local_rank=1"], ["--local_rank", "1"]])
+def test_launcher_local_rank_flag_is_accepted_and_not_part_of_the_config(tmp_path, flag):
+    """The deepspeed launcher adds --local_rank to every rank's command line; it must neither
+    fail the parse nor shift the flags after it, nor land in config.yaml."""
+    cfg = _run_cfg(tmp_path, *flag, "--max_steps", "7")
+    assert cfg.max_steps == 7
+    assert not [k for k in cfg.model_dump() if "local_rank" in k]
 
 
 def test_check_cli(tmp_path):

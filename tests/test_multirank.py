@@ -83,14 +83,12 @@ def _reference_grads(
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied: re-tied on load
     if config.tie_word_embeddings:
         model.tie_weights()
-    total = torch.zeros(())
     for mb in batches.micro_batches:
         if naive:
             loss = model(**mb).loss / len(batches.micro_batches)
         else:
             loss = model(**mb, num_items_in_batch=batches.num_label_tokens).loss
         loss.backward()
-        total += loss.detach()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -337,3 +335,5 @@ def test_weighted_mix_by_epochs_with_per_file_eval_tokenized_once(tmp_path):
     pooled = (by_file["e1.jsonl"] * tokens[0] + by_file["e2.jsonl"] * tokens[1]) / sum(tokens)
     assert evals[0]["eval_loss"] == pytest.approx(pooled, rel=1e-9)
     assert by_file["e1.jsonl"] != by_file["e2.jsonl"]
+    # --save_steps 0: no checkpoint at all, not even the final one, and the summary says so.
+    assert not (out / "checkpoints").exists() and summary["consolidated"] is None

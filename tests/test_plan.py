@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.offline import plan
 from trainer.config import ASSETS_DIR
+from trainer.offline import plan
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -74,6 +74,8 @@ def lint(
         finally:
             proc.kill()
             proc.wait()
+            proc.stdin.close()  # ours to close: Popen leaves the pipes open (ResourceWarning)
+            proc.stdout.close()
 
 
 def _session(
