@@ -166,6 +166,11 @@ def test_end_to_end_output_layout(trained):
     assert last < first - 1.0, (first, last)  # held-out loss falls clearly
     assert "step 16 loss" in (out / "logs" / "training_log.txt").read_text()
     assert "== qsft: training complete ==" in stdout
+    # The curves are drawn (an 800x800 PNG) and the summary, printed and saved, names them.
+    curves = out / "logs" / "curves.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 10_000
+    summary = json.loads((out / "logs" / "summary.json").read_text())
+    assert summary["curves"] == str(curves) and f"tokens/s): {curves}" in stdout
     assert str(cons) in stdout
     # The demo config has no `architectures`; the consolidated one names the class trained.
     config = json.loads((cons / "config.json").read_text())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import uuid
 from collections.abc import Callable
@@ -81,12 +80,15 @@ def visible_ranks(directory: Path) -> tuple[list[set[int]], str | None]:
         mine = {int(p.name[5:]) for p in probes.iterdir() if p.name.startswith("rank-")}
     except OSError:
         mine = set()
-    seen = dist.gather_objects(mine)
-    dist.barrier()  # every rank has looked before the probes go
-    if dist.is_main():
-        shutil.rmtree(probes, ignore_errors=True)
+    seen = dist.gather_objects(mine)  # also the barrier: every rank has looked
+    # Each rank removes its own probe (a node-local directory is seen by its node alone), then
+    # the emptied folders go; .preflight stays while another launch still probes there.
+    with contextlib.suppress(OSError):
+        (probes / f"rank-{dist.rank()}").unlink()
+    dist.barrier()
+    for folder in (probes, probes.parent):
         with contextlib.suppress(OSError):
-            probes.parent.rmdir()  # gone once empty: other launches may still be probing
+            folder.rmdir()
     return seen, error
 
 
