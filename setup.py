@@ -43,6 +43,7 @@ setup(
             "qsft-consolidate=trainer.offline.consolidate:main",
             "qsft-plan=trainer.offline.plan_cli:main",
             "qsft-data=trainer.datatools.cli:main",
+            "qsft-eval=trainer.evaluation.cli:main",
         ]
     },
 )

@@ -20,7 +20,7 @@ from typing import Any
 
 from trainer.assets.build import PROBLEMS, load_problems
 from trainer.datatools.near_dup import near_duplicate_pairs
-from trainer.datatools.qlint import Diagnostic, lint
+from trainer.datatools.qlint import lint, real_problems
 
 DIFFICULTIES = ("easy", "medium", "hard")
 TOPICS = (
@@ -48,8 +48,6 @@ REQUIRED = {
     "tests": list,
 }
 TEST_KEYS = ("input", "output", "q_input", "q_output")
-# q built-ins that qls 1.0.5 does not know, so it reports them as undefined names.
-QLS_UNKNOWN_BUILTINS = {".Q.n", ".Q.nA", ".Q.an"}
 
 
 def schema_errors(p: dict[str, Any]) -> list[str]:
@@ -144,45 +142,12 @@ def lint_errors(problems: list[dict[str, Any]]) -> dict[str, list[str]]:
     found = lint(snippets)
     out: dict[str, list[str]] = {}
     for name, diags in found.items():
-        kept = _kept(snippets[name], diags)
+        kept = real_problems(snippets[name], diags)
         if kept:
             out.setdefault(name.split("/")[0], []).extend(
                 f"{name.partition('/')[2] or 'q'} {d}" for d in kept
             )
     return out
-
-
-def _kept(code: str, diags: list[Diagnostic]) -> list[Diagnostic]:
-    """Drop qls 1.0.5 false positives, keeping every syntax error.
-
-    qls resolves names in reading order, but q evaluates right to left: in
-    `t~reverse t:lower s` the use of t follows its assignment. It also reads the column names
-    of a table literal `([] w:key c)` as references. Both show as "cannot find name 'X'" with
-    `X:` at or after the reported column on the same line; the follow-on "'X' is defined but
-    never used" for such an X goes too.
-    """
-    lines = code.splitlines()
-    forgiven: set[str] = set()
-    kept = []
-    for d in diags:
-        m = re.fullmatch(r"cannot find name '(.+)'", d.message)
-        if m:
-            name = m.group(1)
-            tail = lines[d.line][d.column :] if d.line < len(lines) else ""
-            if name in QLS_UNKNOWN_BUILTINS or re.search(
-                rf"(?<![\w.`]){re.escape(name)}:(?!:)", tail
-            ):
-                forgiven.add(name)
-                continue
-        kept.append(d)
-    return [
-        d
-        for d in kept
-        if not (
-            (m := re.fullmatch(r"'(.+)' is defined but never used\.?", d.message))
-            and m.group(1) in forgiven
-        )
-    ]
 
 
 def check(problems: list[dict[str, Any]]) -> dict[str, list[str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -174,3 +175,40 @@ class _Reader:
             if not chunk:
                 return None  # the server exited
             self.buf += chunk
+
+
+# q built-ins that qls 1.0.5 does not know, so it reports them as undefined names.
+QLS_UNKNOWN_BUILTINS = {".Q.n", ".Q.nA", ".Q.an"}
+
+
+def real_problems(code: str, diags: list[Diagnostic]) -> list[Diagnostic]:
+    """Drop qls 1.0.5 false positives, keeping every syntax error.
+
+    qls resolves names in reading order, but q evaluates right to left: in
+    `t~reverse t:lower s` the use of t follows its assignment. It also reads the column names
+    of a table literal `([] w:key c)` as references. Both show as "cannot find name 'X'" with
+    `X:` at or after the reported column on the same line; the follow-on "'X' is defined but
+    never used" for such an X goes too.
+    """
+    lines = code.splitlines()
+    forgiven: set[str] = set()
+    kept = []
+    for d in diags:
+        m = re.fullmatch(r"cannot find name '(.+)'", d.message)
+        if m:
+            name = m.group(1)
+            tail = lines[d.line][d.column :] if d.line < len(lines) else ""
+            if name in QLS_UNKNOWN_BUILTINS or re.search(
+                rf"(?<![\w.`]){re.escape(name)}:(?!:)", tail
+            ):
+                forgiven.add(name)
+                continue
+        kept.append(d)
+    return [
+        d
+        for d in kept
+        if not (
+            (m := re.fullmatch(r"'(.+)' is defined but never used\.?", d.message))
+            and m.group(1) in forgiven
+        )
+    ]
