@@ -83,7 +83,7 @@ def schema_errors(p: dict[str, Any]) -> list[str]:
     return errors
 
 
-def _same(got: Any, want: Any) -> bool:
+def same_value(got: Any, want: Any) -> bool:
     """Equality that tolerates float rounding (1e-9 relative) but not type confusion."""
     if isinstance(want, float) or isinstance(got, float):
         return (
@@ -93,9 +93,10 @@ def _same(got: Any, want: Any) -> bool:
             and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
         )
     if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
-        return len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want, strict=False))
+        pairs = zip(got, want, strict=False)
+        return len(got) == len(want) and all(same_value(g, w) for g, w in pairs)
     if isinstance(want, dict) and isinstance(got, dict):
-        return list(got) == list(want) and all(_same(got[k], want[k]) for k in want)
+        return list(got) == list(want) and all(same_value(got[k], want[k]) for k in want)
     return type(got) is type(want) and got == want
 
 
@@ -123,7 +124,7 @@ def python_failures(p: dict[str, Any]) -> list[str]:
         except Exception as e:
             failures.append(f"test {i}: raised {type(e).__name__}: {e}")
             continue
-        if not _same(got, want):
+        if not same_value(got, want):
             failures.append(f"test {i}: got {got!r}, expected {want!r}")
     return failures
 

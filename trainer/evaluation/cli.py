@@ -27,7 +27,7 @@ from trainer.checkpoint.layout import CONSOLIDATED, checkpoint_root, step_of
 from trainer.config import ASSETS_DIR, OneLineParser
 from trainer.evaluation import generate, sandbox
 from trainer.evaluation.scoring import LANG, Scorer, load_problems, summarize
-from trainer.records import DataError, load_records
+from trainer.records import DataError, is_messages, load_records
 
 
 class EvalError(ValueError):
@@ -64,32 +64,44 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     try:
-        args.ks = sorted({int(k) for k in args.k.split(",")})
+        # pass@1 always: the best checkpoint is chosen by it.
+        args.ks = sorted({1} | {int(k) for k in args.k.split(",")})
     except ValueError:
         raise EvalError(f"--k {args.k!r}: expected comma-separated integers, e.g. 1,5") from None
     if min(args.ks) < 1 or (not args.predictions and max(args.ks) > args.samples):
         raise EvalError(f"--k {args.k}: every k must be between 1 and --samples {args.samples}")
     if args.samples > 1 and args.temperature <= 0 and not args.predictions:
         raise EvalError(f"--samples {args.samples} needs --temperature > 0 (greedy repeats)")
-    if args.q_binary not in (None, "none") and not os.access(args.q_binary, os.X_OK):
-        raise EvalError(f"--q_binary {args.q_binary}: not an executable file")
+    for flag, value, low in (
+        ("--samples", args.samples, 1),
+        ("--max_new_tokens", args.max_new_tokens, 1),
+        ("--batch_size", args.batch_size, 1),
+        ("--timeout_s", args.timeout_s, 0.1),
+        ("--memory_mb", args.memory_mb, 64),
+        ("--limit", args.limit if args.limit is not None else 1, 1),
+    ):
+        if value < low:
+            raise EvalError(f"{flag} {value}: must be at least {low}")
     return args
 
 
 def load_eval(path: Path, problems: dict[str, Any], limit: int | None) -> list[dict[str, Any]]:
     records = load_records(path)
-    out = []
+    out, seen = [], set()
     for i, rec in enumerate(records[:limit] if limit else records):
         where = records.where(i)
         if rec.get("task") not in LANG or "problem_id" not in rec or "id" not in rec:
             raise EvalError(f"{where}: needs id, problem_id and task ({', '.join(LANG)})")
         if rec["problem_id"] not in problems:
             raise EvalError(f"{where}: problem {rec['problem_id']!r} is not in the problem table")
+        if rec["id"] in seen:
+            raise EvalError(f"{where}: id {rec['id']!r} appears twice")
+        seen.add(rec["id"])
         out.append(rec)
     return out
 
 
-def read_predictions(path: Path, ids: set[str]) -> dict[str, list[str]]:
+def read_predictions(path: Path, ids: set[str], ks: list[int]) -> dict[str, list[str]]:
     preds: dict[str, list[str]] = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -105,6 +117,10 @@ def read_predictions(path: Path, ids: set[str]) -> dict[str, list[str]]:
     missing = sorted(ids - set(preds))
     if missing:
         raise EvalError(f"{path}: no prediction for {len(missing)} eval records, e.g. {missing[0]}")
+    fewest = min(len(v) for v in preds.values())
+    if max(ks) > fewest:
+        rid = next(k for k, v in preds.items() if len(v) == fewest)
+        raise EvalError(f"{path}: {rid} has {fewest} completion(s), fewer than --k {max(ks)}")
     return preds
 
 
@@ -114,6 +130,11 @@ def completions_from_model(
     from transformers import AutoTokenizer
 
     fmt, ends = generate.read_format(model_dir, args.prompt_format)
+    if fmt == "raw" and any(is_messages(r) for r in records):
+        raise EvalError(
+            f"{model_dir}: trained in the raw format, but --eval_file has messages "
+            f"records (raw takes prompt/completion records)"
+        )
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = [generate.prompt_text(r, tok, fmt) for r in records]
     stops = generate.stop_ids(model_dir, ends, tok)
@@ -121,11 +142,8 @@ def completions_from_model(
     texts, engine = generate.generate(
         model_dir,
         prompts,
-        args.samples,
-        args.temperature,
-        args.max_new_tokens,
-        args.seed,
-        stops,
+        generate.Sampling(args.samples, args.temperature, args.max_new_tokens, args.seed, stops),
+        fmt,
         args.batch_size,
     )
     info = dict(
@@ -190,8 +208,9 @@ def evaluate(
         isolation=scorer.isolation,
         limits=dict(wall_s=args.timeout_s, memory_mb=args.memory_mb),
         settings=dict(
-            samples=args.samples,
+            samples_per_prompt=sorted({len(v) for v in completions.values()}),
             k=args.ks,
+            batch_size=args.batch_size,
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
@@ -243,9 +262,36 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def eval_losses(run_dir: Path) -> dict[int, float]:
     try:
         history = json.loads((run_dir / "logs" / "eval_results.json").read_text())["history"]
-    except (OSError, ValueError, KeyError):
+        return {int(r["step"]): float(r["eval_loss"]) for r in history}
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
-    return {r["step"]: r["eval_loss"] for r in history}
+
+
+def _loss(row: dict[str, Any]) -> float:
+    """Eval loss for ranking: a checkpoint without one never wins a tie."""
+    return row["eval_loss"] if row["eval_loss"] is not None else float("inf")
+
+
+def prepare_scorer(args: argparse.Namespace, records, problems) -> Scorer:
+    """The scorer, checked before any generation: qls present when q answers will be linted,
+    and a reference solution passes (a wrong answer fails) through the sandbox."""
+    scorer = Scorer(
+        sandbox.Limits(
+            wall_s=args.timeout_s, cpu_s=int(args.timeout_s) + 2, memory_mb=args.memory_mb
+        ),
+        args.q_binary,
+    )
+    if not scorer.q_binary and any(LANG[r["task"]] == "q" for r in records):
+        from trainer.datatools.qlint import QlsNotFound, find_qls
+
+        try:
+            find_qls()
+        except QlsNotFound as e:
+            raise EvalError(f"{e}; or give --q_binary to run q answers") from None
+    checkable = [p for p in problems.values() if p.get("python") and p.get("q")]
+    if checkable:
+        scorer.self_check(problems.get(records[0]["problem_id"], checkable[0]))
+    return scorer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,14 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         records = load_eval(args.eval_file, problems, args.limit)
         if not records:
             raise EvalError(f"{args.eval_file}: no records")
-        scorer = Scorer(
-            sandbox.Limits(
-                wall_s=args.timeout_s, cpu_s=int(args.timeout_s) + 2, memory_mb=args.memory_mb
-            ),
-            args.q_binary,
-        )
+        scorer = prepare_scorer(args, records, problems)
         if args.predictions:
-            preds = read_predictions(args.predictions, {r["id"] for r in records})
+            preds = read_predictions(args.predictions, {r["id"] for r in records}, args.ks)
             report = evaluate(
                 preds,
                 records,
@@ -317,7 +358,7 @@ def eval_run(args: argparse.Namespace, records, problems, scorer: Scorer) -> int
     if not scored:
         raise EvalError("no checkpoint could be scored")
     # Highest pass@1; ties go to the lower eval loss, then the earlier step.
-    best = max(scored, key=lambda r: (r["value"], -(r["eval_loss"] or 0.0), -r["step"]))
+    best = max(scored, key=lambda r: (r["value"], -_loss(r), -r["step"]))
     choice = dict(
         path=best["path"],
         step=best["step"],

@@ -14,10 +14,11 @@ vLLM). Both sample with the given seed; vLLM and transformers do not draw the sa
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.data import FALLBACK_TURN
+from trainer.data import render
 from trainer.records import to_messages
 
 
@@ -43,19 +44,15 @@ def read_format(model_dir: Path, override: str | None = None) -> tuple[str, list
 
 
 def prompt_text(record: dict[str, Any], tokenizer: Any, prompt_format: str) -> str:
-    """What the model sees before its answer, exactly as training laid it out."""
+    """What the model sees before its answer, exactly as training laid it out: the raw prompt,
+    or the rendered conversation up to where its last answer starts (trainer.data.render)."""
     if prompt_format == "raw":
         return record["prompt"]
     messages = to_messages(record)
-    if messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]  # the answer is what the model writes
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    text = "".join(
-        FALLBACK_TURN.format(role=m["role"].capitalize(), content=m["content"]) + "\n\n"
-        for m in messages
-    )
-    return text + FALLBACK_TURN.format(role="Assistant", content="")
+    if messages[-1]["role"] != "assistant":  # no answer given: add one to find where it starts
+        messages = [*messages, {"role": "assistant", "content": ""}]
+    text, spans = render(messages, tokenizer)
+    return text[: spans[-1][0]]
 
 
 def stop_ids(model_dir: Path, ends: list[int], tokenizer: Any) -> list[int]:
@@ -77,25 +74,27 @@ def have_vllm() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
 
+@dataclass
+class Sampling:
+    samples: int  # completions per prompt
+    temperature: float  # 0: greedy
+    max_new_tokens: int
+    seed: int
+    stops: list[int]  # token ids that end an answer
+
+
 def generate(
-    model_dir: Path,
-    prompts: list[str],
-    samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    stops: list[int],
-    batch_size: int = 8,
+    model_dir: Path, prompts: list[str], how: Sampling, prompt_format: str, batch_size: int = 8
 ) -> tuple[list[list[str]], str]:
-    """`samples` completions per prompt (text before the first stop token) and the engine."""
+    """`how.samples` completions per prompt (text before the first stop token), and the engine.
+
+    Prompts are tokenized as training tokenized them: raw text with the tokenizer's special
+    tokens (as `tokenizer(text)`), chat text without (the template already wrote them).
+    """
+    special = prompt_format == "raw"
     if have_vllm():
-        return _vllm(model_dir, prompts, samples, temperature, max_new_tokens, seed, stops), "vllm"
-    return (
-        _transformers(
-            model_dir, prompts, samples, temperature, max_new_tokens, seed, stops, batch_size
-        ),
-        "transformers",
-    )
+        return _vllm(model_dir, prompts, how, special), "vllm"
+    return _transformers(model_dir, prompts, how, special, batch_size), "transformers"
 
 
 def _cut(ids: list[int], stops: set[int]) -> list[int]:
@@ -106,14 +105,7 @@ def _cut(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def _transformers(
-    model_dir: Path,
-    prompts: list[str],
-    samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    stops: list[int],
-    batch_size: int,
+    model_dir: Path, prompts: list[str], how: Sampling, special: bool, batch_size: int
 ) -> list[list[str]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,20 +117,25 @@ def _transformers(
         tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    torch.manual_seed(seed)
+    torch.manual_seed(how.seed)
     out: list[list[str]] = []
-    stop_set = set(stops)
+    stop_set, samples = set(how.stops), how.samples
     for i in range(0, len(prompts), batch_size):
-        batch = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+        batch = tok(
+            prompts[i : i + batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=special,
+        ).to(device)
+        sampling = dict(do_sample=True, temperature=how.temperature, top_p=1.0, top_k=0)
         with torch.no_grad():
             ids = model.generate(
                 **batch,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=how.max_new_tokens,
                 num_return_sequences=samples,
-                eos_token_id=stops,
+                eos_token_id=how.stops,
                 pad_token_id=tok.pad_token_id,
-                **(sampling if temperature > 0 else dict(do_sample=False)),
+                **(sampling if how.temperature > 0 else dict(do_sample=False)),
             )
         new = ids[:, batch["input_ids"].shape[1] :].tolist()
         texts = [tok.decode(_cut(row, stop_set)) for row in new]
@@ -147,24 +144,29 @@ def _transformers(
 
 
 def _vllm(
-    model_dir: Path,
-    prompts: list[str],
-    samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    stops: list[int],
+    model_dir: Path, prompts: list[str], how: Sampling, special: bool
 ) -> list[list[str]]:  # pragma: no cover - needs a GPU and vLLM
+    import gc
+
+    import torch
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model_dir), seed=seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tok(p, add_special_tokens=special)["input_ids"] for p in prompts]
+    llm = LLM(model=str(model_dir), seed=how.seed)
     params = SamplingParams(
-        n=samples,
-        temperature=temperature,
-        max_tokens=max_new_tokens,
-        seed=seed,
-        stop_token_ids=stops,
+        n=how.samples,
+        temperature=how.temperature,
+        max_tokens=how.max_new_tokens,
+        seed=how.seed,
+        stop_token_ids=how.stops,
         skip_special_tokens=False,
     )
-    results = llm.generate(prompts, params)
-    return [[o.text for o in r.outputs] for r in results]
+    try:
+        results = llm.generate([{"prompt_token_ids": x} for x in ids], params)
+        return [[o.text for o in r.outputs] for r in results]
+    finally:  # --checkpoints loads one model after another: free this one's GPU memory
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()

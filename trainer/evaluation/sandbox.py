@@ -24,6 +24,7 @@ reviewer must trust, so it is small and each confinement has a hostile test (tes
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -54,6 +55,7 @@ _FS_WRITE = (  # every right that creates, changes or removes a file (ABI 1)
     | (1 << 11)  # MAKE_BLOCK
     | (1 << 12)  # MAKE_SYM
 )
+_FS_TRUNCATE = 1 << 14  # ABI 3
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 
 # Run before a Python answer (python -I -S guard.py answer.py): PEP 578 audit hooks cannot be
@@ -63,22 +65,34 @@ import sys, os
 _root = os.path.realpath(os.getcwd())
 _DENY = ("socket.", "subprocess.", "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn",
          "os.posix_spawn", "os.kill", "os.killpg", "ctypes.", "pty.", "os.startfile")
+# Modules that reach the kernel without an audit event (fork_exec has none).
+_NO_IMPORT = ("_posixsubprocess", "_ctypes", "_socket", "mmap", "_multiprocessing")
 _PATHS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
           "os.symlink", "os.link", "os.truncate", "os.utime", "shutil.")
+_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 def _inside(p):
+    if isinstance(p, int):
+        return True  # a file descriptor: already opened, and checked then
     try:
         p = os.fsdecode(p)
     except TypeError:
-        return True  # a file descriptor: already opened
-    return os.path.realpath(p).startswith(_root + os.sep) or os.path.realpath(p) == _root
+        return False
+    real = os.path.realpath(p)
+    return real == _root or real.startswith(_root + os.sep)
 def _hook(event, args):
     if event.startswith(_DENY):
         raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "open" and args[1] is not None and any(c in str(args[1]) for c in "wax+"):
-        if not _inside(args[0]):
+    if event == "import" and args[0].split(".")[0] in _NO_IMPORT:
+        raise PermissionError(f"sandbox: import {args[0]} is not allowed")
+    if event == "open":
+        mode, flags = args[1], args[2]
+        writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & _WRITE)
+        if writes and not _inside(args[0]):
             raise PermissionError(f"sandbox: writing {args[0]} is not allowed")
-    if event.startswith(_PATHS) and args and not _inside(args[0]):
-        raise PermissionError(f"sandbox: {event} outside the sandbox is not allowed")
+    if event.startswith(_PATHS):
+        paths = [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
+        if not all(_inside(a) for a in paths):
+            raise PermissionError(f"sandbox: {event} outside the sandbox is not allowed")
 sys.addaudithook(_hook)
 _path = sys.argv[1]
 sys.argv = sys.argv[1:]
@@ -105,8 +119,11 @@ class Result:
     seconds: float
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded in the parent: no dlopen between fork and exec
+
+
 def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+    return _LIBC
 
 
 def landlock_abi() -> int:
@@ -142,6 +159,9 @@ def isolation() -> dict[str, bool]:
         "network_namespace": _try_net_namespace(),
         "landlock": landlock_abi() > 0,
         "python_audit_hook": True,
+        # RLIMIT_NPROC binds every uid but root: as root, forks are stopped only by the audit
+        # hook (Python) and Landlock's exec rule (a native answer cannot exec a shell).
+        "process_limit": os.geteuid() != 0,
     }
 
 
@@ -155,21 +175,32 @@ class _PathBeneath(ctypes.Structure):
 
 
 def _landlock(writable: Path, executables: list[Path]) -> None:
-    """In the child: writes only beneath `writable`, exec only of `executables`."""
+    """In the child: writes only beneath `writable`, exec only of `executables`.
+
+    Any failure ends the child (exit 126): an answer asked to run confined never runs
+    unconfined. Called before RLIMIT_NOFILE is lowered (the ruleset needs descriptors while
+    the parent's are still open: close_fds closes them only after preexec_fn).
+    """
     libc = _libc()
-    attr = _RulesetAttr(_FS_WRITE | _FS_EXECUTE)
+    handled = _FS_WRITE | _FS_EXECUTE | (_FS_TRUNCATE if landlock_abi() >= 3 else 0)
+    attr = _RulesetAttr(handled)
     fd = libc.syscall(_SYS_CREATE, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if fd < 0:
-        return  # no Landlock here: isolation() says so
-    rules = [(writable, _FS_WRITE | _FS_EXECUTE)] + [(x, _FS_EXECUTE) for x in executables]
-    for path, access in rules:
-        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        os._exit(126)
+    writes = handled & ~_FS_EXECUTE  # its directory: create, change, remove; never exec
+    for path, access in [(writable, writes)] + [(x, _FS_EXECUTE) for x in executables]:
+        try:
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            os._exit(126)
         rule = _PathBeneath(access, pfd)
-        libc.syscall(_SYS_ADD_RULE, fd, _RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+        if libc.syscall(_SYS_ADD_RULE, fd, _RULE_PATH_BENEATH, ctypes.byref(rule), 0) != 0:
+            os._exit(126)
         os.close(pfd)
-    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        os._exit(126)
     if libc.syscall(_SYS_RESTRICT, fd, 0) != 0:
-        os._exit(126)  # asked for and refused: never run the answer unconfined
+        os._exit(126)
     os.close(fd)
 
 
@@ -205,22 +236,22 @@ def exec_chain(program: Path) -> list[Path]:
 
 def _confine(workdir: Path, executables: list[Path], limits: Limits, net: bool, lock: bool):
     def in_child() -> None:
-        os.setsid()  # its own process group: the timeout kills all of it
-        mem = limits.memory_mb << 20
-        for which, value in (
-            (resource.RLIMIT_CPU, limits.cpu_s),
-            (resource.RLIMIT_AS, mem),
-            (resource.RLIMIT_FSIZE, OUTPUT_CAP),
-            (resource.RLIMIT_NOFILE, limits.files),
-            (resource.RLIMIT_CORE, 0),
-        ):
-            resource.setrlimit(which, (value, value))
+        os.setsid()  # its own process group: killed whole after the run
         if net and _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
             os._exit(126)
         if lock:
             _landlock(workdir, executables)
-        # Last: with no process slot left, nothing it runs can fork (not even a thread).
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        for which, value in (
+            (resource.RLIMIT_CPU, limits.cpu_s),
+            (resource.RLIMIT_AS, limits.memory_mb << 20),
+            (resource.RLIMIT_FSIZE, OUTPUT_CAP),
+            (resource.RLIMIT_NOFILE, limits.files),
+            (resource.RLIMIT_CORE, 0),
+            # Last: no process slot left, so nothing it runs can fork (not even a thread);
+            # not enforced for root (isolation()["process_limit"]).
+            (resource.RLIMIT_NPROC, 0),
+        ):
+            resource.setrlimit(which, (value, value))
 
     return in_child
 
@@ -241,28 +272,19 @@ def run(
         out_path, err_path = workdir / ".stdout", workdir / ".stderr"
         t0 = time.perf_counter()
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(
-                argv,
-                cwd=workdir,
-                env={"PATH": "/usr/bin:/bin", **(env or {})},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                close_fds=True,
-                preexec_fn=_confine(
-                    workdir,
-                    exec_chain(Path(argv[0])),
-                    limits,
-                    isolated["network_namespace"],
-                    isolated["landlock"],
-                ),
-            )
+            try:
+                proc = _start(argv, workdir, env, out, err, limits, isolated)
+            except (OSError, subprocess.SubprocessError) as e:  # could not even start it
+                return Result("error", None, "", f"could not start {argv[0]}: {e}", 0.0)
             try:
                 rc = proc.wait(timeout=limits.wall_s)
                 status = None
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                rc, status = proc.wait(), "timeout"
+                rc, status = None, "timeout"
+            finally:  # whatever it left running in its group goes with it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait() if rc is None else rc
         seconds = time.perf_counter() - t0
         stdout = out_path.read_bytes()[:OUTPUT_CAP].decode("utf-8", "replace")
         stderr = err_path.read_bytes()[:OUTPUT_CAP].decode("utf-8", "replace")
@@ -273,9 +295,30 @@ def run(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _start(argv, workdir, env, out, err, limits: Limits, isolated: dict[str, bool]):
+    return subprocess.Popen(
+        argv,
+        cwd=workdir,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        close_fds=True,
+        preexec_fn=_confine(
+            workdir,
+            exec_chain(Path(argv[0])),
+            limits,
+            isolated["network_namespace"],
+            isolated["landlock"],
+        ),
+    )
+
+
 def _status(rc: int, stderr: str) -> str:
     if rc == 0:
         return "ok"
+    if rc == 126 and not stderr:
+        return "error"  # the confinement itself failed: never run unconfined
     if rc in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "File too large" in stderr:
         return "output"  # wrote past OUTPUT_CAP (Python ignores SIGXFSZ and raises EFBIG)
     if rc in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU):
