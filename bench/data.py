@@ -6,7 +6,7 @@
 
 1. Generates WORK/synthetic-N.jsonl: the shipped training records cycled, each made distinct
    (its prompt starts "Problem <i>:" and a comment with i ends its completion).
-2. Today's path (trainer.data.load_records, then encode() per record into lists of ints, as
+2. Today's path (trainer.records.load_records, then encode() per record into lists of ints, as
    tokenize_records did before the cache) on the first --old_records records: records/s and
    resident bytes per token of the result; the 1M-record figures are extrapolated from them.
 3. First tokenization into the cache (trainer.datacache.ensure_entries, a fresh cache dir) of

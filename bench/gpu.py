@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 ASSETS = REPO / "trainer" / "assets"
 
-from trainer.offline.plan import QWEN25, VOCAB  # noqa: E402  (the shapes of DESIGN.md's size table)
+from trainer.offline.plan import QWEN25  # noqa: E402  (the shapes of DESIGN.md's size table)
+from trainer.shape import VOCAB  # noqa: E402
 
 # Qwen2.5-1.5B's shape, plus its position range and rope base; "smoke" runs the script on a CPU.
 SHAPES = {

@@ -271,3 +271,17 @@ def test_resume_refuses_another_prompt_format_or_end_token(tmp_path):
         check_format(point, _info("chat", [2]), "chat")
     with pytest.raises(ConfigError, match=r"end with token\(s\) \[0\], this run's"):
         check_format(point, _info("raw", [2]), "raw")
+
+
+def test_a_trainer_state_from_before_the_rename_still_loads(tmp_path):
+    """Checkpoints written before December 2026 call the stream position consumed_samples."""
+    import torch
+
+    from trainer.checkpoint.resume import load_state_file
+
+    old = {"step": 6, "micro_step": 12, "consumed_samples": 48, "examples_seen": 190}
+    torch.save({"state": old}, tmp_path / "trainer_state.pt")
+    state = TrainerState()
+    state.load_state_dict(load_state_file(tmp_path / "trainer_state.pt")["state"])
+    assert (state.step, state.consumed_units, state.examples_seen) == (6, 48, 190)
+    assert "consumed_samples" not in state.state_dict() and not hasattr(state, "consumed_samples")

@@ -44,17 +44,14 @@ def test_no_import_cycles_and_the_rooms_import_one_way():
         parts = name.split(".")
         return parts[1] if len(parts) > 2 else "trainer"
 
-    # The training process never reaches for qsft-data's tools or qsft-eval; offline/ only for
-    # the planner's parameter count (the disk-space checks of checkpoint.retention).
+    # The training process never reaches for the tools run by a person: qsft-data, qsft-eval,
+    # the consolidator and the planner (the background consolidation is a child process).
     upward = sorted(
         (a, b)
         for a, deps in graph.items()
         for b in deps
         if room(a) in ("trainer", "checkpoint")
-        and (
-            room(b) in ("datatools", "evaluation")
-            or (room(b) == "offline" and b != "trainer.offline.plan")
-        )
+        and room(b) in ("datatools", "evaluation", "offline")
     )
     assert upward == []
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done

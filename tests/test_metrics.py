@@ -133,6 +133,11 @@ def test_curves_take_the_resumed_record_of_a_step_logged_twice(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')
     assert [(r["step"], r["loss"]) for r in plots.read_steps(f)] == [(2, 2.0), (3, 1.5)]
+    # A crashed run had logged to step 5; the resumed one logs every 2 steps from step 2.
+    crashed = [dict(step=s, loss=9.0, lr=1e-3, tokens_per_s=1.0) for s in (3, 4, 5)]
+    resumed = [dict(event="resume", step=2), dict(step=4, loss=1.0, lr=1e-3, tokens_per_s=1.0)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in lines[:1] + crashed + resumed))
+    assert [(r["step"], r["loss"]) for r in plots.read_steps(f)] == [(2, 2.0), (4, 1.0)]
     assert plots.draw_curves(tmp_path, []) == tmp_path / plots.CURVES
     assert not (tmp_path / "empty").exists() and plots.draw_curves(tmp_path / "empty", []) is None
 
@@ -153,3 +158,21 @@ def test_messages_are_written_above_the_progress_bar(tmp_path, monkeypatch, caps
     assert after.startswith("\n")  # the message ends its own line...
     assert re.search(r"2/10", after)  # ...and the bar continues below it
     assert "saved checkpoint-1" in (tmp_path / "logs" / "training_log.txt").read_text()
+
+
+def test_a_picture_that_cannot_be_drawn_never_stops_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QSFT_NO_PROGRESS", "1")
+
+    def broken(*a, **k):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(plots, "draw_curves", broken)
+    sink = MetricsSink(tmp_path, total_steps=10, start_step=0)
+    hist = [dict(step=0, eval_loss=3.0, perplexity=math.exp(3.0))]
+    sink.log_eval(hist)
+    sink.log_eval(hist)  # said once
+    summary = dict(steps=0, wall_s=1.0, tokens_per_s=1.0, consolidated=None, eval=hist)
+    sink.write_summary(summary)
+    sink.close()
+    assert summary["curves"] is None and (tmp_path / "logs" / "summary.json").is_file()
+    assert capsys.readouterr().out.count("curves.png not drawn (ImportError") == 1

@@ -14,6 +14,7 @@ import pytest
 
 from trainer.config import ASSETS_DIR
 from trainer.offline import plan
+from trainer.shape import VOCAB, Shape
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def _meta_model(shape_cfg: dict):
 @pytest.mark.parametrize("size", ["tiny", "1.5b", "7b"])
 def test_parameter_count_from_the_config_matches_the_real_model(size):
     shape = plan.model_shape(size, None)
-    cfg = {} if size == "tiny" else {**plan.QWEN25[size], "vocab_size": plan.VOCAB}
+    cfg = {} if size == "tiny" else {**plan.QWEN25[size], "vocab_size": VOCAB}
     model = _meta_model(cfg)
     # Dedup by id: on the meta device every data_ptr() is 0 (DeepSpeed's _all_live miscounts).
     unique = {id(p): p.numel() for p in model.parameters()}
@@ -94,7 +95,7 @@ def test_model_states_agree_with_deepspeeds_estimator(size, nodes, gpus):
         # ../shared/FIELD_NOTES.md: 17.99 GB/GPU on 8 GPUs for the released Qwen2.5-7B config,
         # whose vocab_size is 152,064; with DESIGN.md's 151,936 rows it is 17.98.
         assert ds["offload_param=none,offload_optimizer=none,zero_init=1"] == 17.98
-        released = plan.Shape(**{**shape.__dict__, "vocab": 152064})
+        released = Shape(**{**shape.__dict__, "vocab": 152064})
         assert (
             _deepspeed_rows(released.total_params(), released.largest_layer_params(), 8, 1)[
                 "offload_param=none,offload_optimizer=none,zero_init=1"

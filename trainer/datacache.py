@@ -309,7 +309,7 @@ def load_entry(entry: Path, source: str, max_seq_length: int) -> TokenizedSet:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run's data: every file, built where needed (one rank), then mapped (every rank)
+# Every file of the run, built where needed (trainer.rundata.prepare picks the rank)
 
 
 def ensure_entries(

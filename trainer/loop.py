@@ -36,6 +36,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     except faults.RunError as e:
         run.sink.log_event(dict(event="error", step=run.state.step, message=str(e)))
         run.sink.note(f"error: {e}")  # the log file; launch/train.py prints it
+        run.sink.close()  # ends the progress bar's line: the error is printed below it
         raise
     return finish(run)
 

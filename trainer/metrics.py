@@ -58,6 +58,7 @@ class MetricsSink(NullSink):
         )
         self.wandb = _start_wandb(wandb_cfg, self.message) if wandb_cfg else None
         self.wandb_run_id = self.wandb.id if self.wandb else None
+        self.curves_failed = False
 
     def log_step(self, record: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -79,12 +80,19 @@ class MetricsSink(NullSink):
         (self.logs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def draw_curves(self, eval_history: list[dict[str, Any]]) -> Path | None:
-        """Redraw logs/curves.png from metrics.jsonl; a picture that cannot be written is said,
-        not fatal (the numbers it shows are in metrics.jsonl and eval_results.json)."""
+        """Redraw logs/curves.png from metrics.jsonl. A picture that cannot be drawn (no
+        matplotlib, a full disk) is said once and never stops training: the numbers it shows
+        are in metrics.jsonl and eval_results.json."""
+        if self.curves_failed:
+            return None
         try:
             return plots.draw_curves(self.logs, eval_history)
-        except (OSError, ValueError) as e:
-            self.note(f"warning: {self.logs / plots.CURVES} not drawn: {e}")
+        except Exception as e:  # noqa: BLE001 - any plotting failure, matplotlib's included
+            self.curves_failed = True
+            self.message(
+                f"warning: {self.logs / plots.CURVES} not drawn ({type(e).__name__}: {e}); "
+                f"the figures are in metrics.jsonl and eval_results.json"
+            )
             return None
 
     def log_event(self, record: dict[str, Any]) -> None:

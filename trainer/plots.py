@@ -38,8 +38,9 @@ def _save(fig: Any, path: Path) -> None:
 def read_steps(metrics_jsonl: Path) -> list[dict[str, Any]]:
     """The logged training steps, the newest record of each step.
 
-    A resumed run appends to metrics.jsonl, and the steps between its checkpoint and the crash
-    are logged twice: the later record is the one the run continued from.
+    A resumed run appends to metrics.jsonl after a resume event naming the step it continued
+    from: what the stopped run logged past that step is dropped, and each step is the record of
+    the run that continued.
     """
     by_step: dict[int, dict[str, Any]] = {}
     try:
@@ -51,7 +52,9 @@ def read_steps(metrics_jsonl: Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except ValueError:  # a line cut by a kill
             continue
-        if "event" not in rec and "loss" in rec:
+        if rec.get("event") == "resume":  # what a crashed run logged past its checkpoint
+            by_step = {s: r for s, r in by_step.items() if s <= rec["step"]}
+        elif "event" not in rec and "loss" in rec:
             by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
 

@@ -62,9 +62,9 @@ def visible_ranks(directory: Path) -> tuple[list[set[int]], str | None]:
     """Collective: which ranks' files each rank sees in `directory`.
 
     Every rank writes a probe file into directory/.preflight/<token>/ (one token per call, so
-    concurrent launches do not mix), all wait, then each lists the folder once. Returns, on every
-    rank, seen[r] = the ranks whose probe rank r saw, and this rank's write error (None if it
-    wrote). A directory every node mounts from one filesystem gives every rank every probe.
+    concurrent launches do not mix), all wait, then each looks for every rank's file. Returns,
+    on every rank, seen[r] = the ranks whose probe rank r saw, and this rank's write error (None
+    if it wrote). A directory every node mounts from one filesystem gives every rank every probe.
     """
     host = socket.gethostname()
     token = dist.gather_objects(uuid.uuid4().hex if dist.is_main() else None)[0]
@@ -76,10 +76,9 @@ def visible_ranks(directory: Path) -> tuple[list[set[int]], str | None]:
     except OSError as e:
         error = e.strerror or str(e)
     dist.barrier()  # every probe is written (and closed) before anyone looks
-    try:
-        mine = {int(p.name[5:]) for p in probes.iterdir() if p.name.startswith("rank-")}
-    except OSError:
-        mine = set()
+    # Looked up by name, not by listing the folder: an NFS client may serve a listing of a
+    # directory it just wrote to from its cache, while a lookup of a missing name goes out.
+    mine = {r for r in range(dist.world_size()) if (probes / f"rank-{r}").exists()}
     seen = dist.gather_objects(mine)  # also the barrier: every rank has looked
     # Each rank removes its own probe (a node-local directory is seen by its node alone), then
     # the emptied folders go; .preflight stays while another launch still probes there.

@@ -6,7 +6,7 @@ Layout (DESIGN.md): OUTPUT_DIR/checkpoints/ is a standard DeepSpeed checkpoint r
     zero_to_fp32.py             DeepSpeed's converter
     checkpoint-N/
       zero_pp_rank_*_...pt      DeepSpeed's shards: weights, optimizer, scheduler
-      trainer_state.pt          step, samples/tokens consumed, eval history, wandb id, RNG/rank
+      trainer_state.pt          step, units/tokens consumed, eval history, wandb id, RNG/rank
       hf/                       config, generation config, tokenizer, probe logits
       COMPLETE                  written after every rank's files are fsynced: each file's size,
                                 the inputs' fingerprint; no marker = never loaded

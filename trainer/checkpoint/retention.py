@@ -27,6 +27,7 @@ from trainer.checkpoint.layout import (
 )
 from trainer.checkpoint.writer import TrainerState, _atomic_write
 from trainer.config import ConfigError, RunConfig
+from trainer.shape import Shape
 
 
 def last_checkpoint(cfg: RunConfig) -> str:
@@ -71,8 +72,6 @@ def checkpoint_needs(
     recorded it (not universal/ or a consolidation in progress), else the planner's estimate
     from the model's shape (14 bytes/param); plus the consolidated model when this save gets
     one (its manifest's figure, else parameters x the training dtype's size)."""
-    from trainer.offline.plan import Shape
-
     config = json.loads((Path(cfg.model_dir) / "config.json").read_text())
     n = Shape.from_config(config).total_params()
     e = 2 if dtype in (torch.bfloat16, torch.float16) else 4

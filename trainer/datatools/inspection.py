@@ -2,7 +2,8 @@
 
 Per file: records per task kind, token lengths (as the trainer renders and tokenizes them),
 how many exceed --max_seq_length, duplicates inside the file; across files: overlap, reported as
-train/test leakage when one file name says train and the other test. Writes a length histogram.
+train/test leakage when one file name says train and the other test. With --histogram, draws
+the length histogram.
 """
 
 from __future__ import annotations
@@ -214,3 +215,5 @@ def _write_histogram(path: Path, lengths: list[int], max_seq_length: int) -> Non
         draw_histogram(path, lengths, max_seq_length)
     except OSError as e:
         raise DataError(f"{path}: cannot write the histogram ({e.strerror or e})") from None
+    except ImportError as e:
+        raise DataError(f"{path}: cannot draw the histogram without matplotlib ({e})") from None

@@ -1,6 +1,6 @@
 """Running untrusted generated code: one process per answer, confined by the kernel.
 
-Each run gets, before the interpreter starts (in the child, between fork and exec):
+Each run gets, before the interpreter starts (a small launcher confines itself, then execs it):
 
 - a fresh temporary directory as its working directory, removed afterwards;
 - an empty environment (PATH=/usr/bin:/bin only; the caller may pass named variables, e.g. a q
@@ -31,6 +31,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -137,18 +138,15 @@ def landlock_abi() -> int:
 
 def _try_net_namespace() -> bool:
     """Can this machine give a process its own empty network namespace without privilege?"""
+    code = (
+        "import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
+        f"sys.exit(0 if libc.unshare({_CLONE_NEWUSER | _CLONE_NEWNET}) == 0 else 1)"
+    )
     try:
-        res = subprocess.run(
-            ["/bin/true"], preexec_fn=lambda: _unshare_net_or_fail(), timeout=10, check=False
-        )
+        res = subprocess.run([sys.executable, "-I", "-S", "-c", code], timeout=30, check=False)
     except (OSError, subprocess.SubprocessError):
         return False
     return res.returncode == 0
-
-
-def _unshare_net_or_fail() -> None:
-    if _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
-        os._exit(1)
 
 
 def isolation() -> dict[str, bool]:
@@ -175,11 +173,10 @@ class _PathBeneath(ctypes.Structure):
 
 
 def _landlock(writable: Path, executables: list[Path]) -> None:
-    """In the child: writes only beneath `writable`, exec only of `executables`.
+    """In the launcher: writes only beneath `writable`, exec only of `executables`.
 
-    Any failure ends the child (exit 126): an answer asked to run confined never runs
-    unconfined. Called before RLIMIT_NOFILE is lowered (the ruleset needs descriptors while
-    the parent's are still open: close_fds closes them only after preexec_fn).
+    Any failure ends the launcher (exit 126): an answer asked to run confined never runs
+    unconfined. Called before RLIMIT_NOFILE is lowered (the ruleset needs descriptors).
     """
     libc = _libc()
     handled = _FS_WRITE | _FS_EXECUTE | (_FS_TRUNCATE if landlock_abi() >= 3 else 0)
@@ -235,25 +232,51 @@ def exec_chain(program: Path) -> list[Path]:
 
 
 def _confine(workdir: Path, executables: list[Path], limits: Limits, net: bool, lock: bool):
-    def in_child() -> None:
-        os.setsid()  # its own process group: killed whole after the run
-        if net and _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
-            os._exit(126)
-        if lock:
-            _landlock(workdir, executables)
-        for which, value in (
-            (resource.RLIMIT_CPU, limits.cpu_s),
-            (resource.RLIMIT_AS, limits.memory_mb << 20),
-            (resource.RLIMIT_FSIZE, OUTPUT_CAP),
-            (resource.RLIMIT_NOFILE, limits.files),
-            (resource.RLIMIT_CORE, 0),
-            # Last: no process slot left, so nothing it runs can fork (not even a thread);
-            # not enforced for root (isolation()["process_limit"]).
-            (resource.RLIMIT_NPROC, 0),
-        ):
-            resource.setrlimit(which, (value, value))
+    """Confine this process (the launcher, before it execs the answer); exit 126 on failure."""
+    if net and _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+        os._exit(126)
+    if lock:
+        _landlock(workdir, executables)
+    for which, value in (
+        (resource.RLIMIT_CPU, limits.cpu_s),
+        (resource.RLIMIT_AS, limits.memory_mb << 20),
+        (resource.RLIMIT_FSIZE, OUTPUT_CAP),
+        (resource.RLIMIT_NOFILE, limits.files),
+        (resource.RLIMIT_CORE, 0),
+        # Last: no process slot left, so nothing it runs can fork (not even a thread); not
+        # enforced for root (isolation()["process_limit"]).
+        (resource.RLIMIT_NPROC, 0),
+    ):
+        resource.setrlimit(which, (value, value))
 
-    return in_child
+
+def launcher_main() -> None:
+    """`python -c` entry of the launcher: confine, then exec the answer's interpreter.
+
+    A fresh process, not a preexec_fn: the evaluating process may have threads and at-fork
+    handlers (torch, wandb, vLLM start some) that run in a forked child before preexec_fn, and
+    a process with two threads cannot enter a new user namespace (EINVAL).
+    """
+    import json
+
+    cfg, argv = json.loads(sys.argv[1]), sys.argv[2:]
+    _confine(
+        Path(cfg["workdir"]),
+        [Path(x) for x in cfg["exec"]],
+        Limits(**cfg["limits"]),
+        cfg["net"],
+        cfg["lock"],
+    )
+    try:
+        os.execv(argv[0], argv)
+    except OSError:
+        os._exit(126)
+
+
+LAUNCHER = (
+    "import sys; sys.path.insert(0, {root!r}); "
+    "from trainer.evaluation.sandbox import launcher_main; launcher_main()"
+)
 
 
 def run(
@@ -296,21 +319,26 @@ def run(
 
 
 def _start(argv, workdir, env, out, err, limits: Limits, isolated: dict[str, bool]):
+    import json
+    from dataclasses import asdict
+
+    cfg = dict(
+        workdir=str(workdir),
+        exec=[str(p) for p in exec_chain(Path(argv[0]))],
+        limits=asdict(limits),
+        net=isolated["network_namespace"],
+        lock=isolated["landlock"],
+    )
+    root = str(Path(__file__).resolve().parents[2])
     return subprocess.Popen(
-        argv,
+        [sys.executable, "-I", "-S", "-c", LAUNCHER.format(root=root), json.dumps(cfg), *argv],
         cwd=workdir,
         env={"PATH": "/usr/bin:/bin", **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=out,
         stderr=err,
         close_fds=True,
-        preexec_fn=_confine(
-            workdir,
-            exec_chain(Path(argv[0])),
-            limits,
-            isolated["network_namespace"],
-            isolated["landlock"],
-        ),
+        start_new_session=True,  # its own process group: killed whole after the run
     )
 
 
