@@ -151,8 +151,11 @@ def test_messages_are_written_above_the_progress_bar(tmp_path, monkeypatch, caps
     sink.progress(1, {"loss": "1.000"})
     sink.message("saved checkpoint-1")
     sink.progress(2, {"loss": "0.900"})
+    sink.end_progress()
+    sink.message("== summary ==")  # after the bar is done: plain, and no bar drawn after it
     sink.close()
     out = capsys.readouterr().out
+    assert out.endswith("\n== summary ==\n")
     before, after = out.split("saved checkpoint-1", 1)
     assert before.rstrip(" ").endswith("\r")  # the bar's line was blanked first
     assert after.startswith("\n")  # the message ends its own line...

@@ -339,6 +339,7 @@ def finish(run: Run) -> dict[str, Any]:
     if torch.cuda.is_available():
         summary["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     run.sink.write_summary(summary)  # also draws logs/curves.png and names it in the summary
+    run.sink.end_progress()
     run.sink.message(metrics.format_summary(summary))
     run.sink.close()
     return summary

@@ -31,6 +31,7 @@ class NullSink:
     def message(self, text: str) -> None: ...
     def note(self, text: str) -> None: ...
     def progress(self, step: int, postfix: dict[str, Any]) -> None: ...
+    def end_progress(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -161,6 +162,10 @@ class MetricsSink(NullSink):
         self.bar.n = step
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
+
+    def end_progress(self) -> None:
+        """Close the bar for good: what is printed after it (the summary) stays below it."""
+        self.bar.close()  # tqdm sets disable: message() then prints plain lines
 
     def close(self) -> None:
         self.bar.close()
